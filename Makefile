@@ -1,0 +1,62 @@
+# Two commands matter: `make up` and `make test`. The rest are helpers.
+SHELL := /bin/bash
+PYTHON ?= python3
+CACHE ?= $(HOME)/.cache/openledger
+# The virtualenv lives outside the repository, keyed by the dependency list,
+# so a fresh clone (CI) reuses it when nothing changed.
+DEPS_KEY := $(shell $(PYTHON) scripts/deps_key.py)
+VENV ?= $(CACHE)/venv-$(DEPS_KEY)
+PY := $(VENV)/bin/python
+export PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: up down status test unit lint bench crds system-deps venv install clean
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+$(VENV)/.complete:
+	@echo "[openledger] creating virtualenv $(VENV) (first run only)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[serving,dev]'
+	@touch $@
+
+venv: $(VENV)/.complete
+
+# The venv may be shared by several clones: point the editable install at this one.
+install: system-deps venv
+	@$(PY) -c "import openledger,pathlib,sys; sys.exit(0 if pathlib.Path(openledger.__file__).resolve().parent == pathlib.Path('operator').resolve() else 1)" 2>/dev/null \
+	  || $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@ln -sfn $(VENV) .venv
+
+up: install
+	@$(PY) -m openledger.cli local up
+
+down:
+	@if [ -x $(PY) ]; then $(PY) -m openledger.cli local down; fi
+
+status:
+	@$(PY) -m openledger.cli local status
+
+lint: install
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+	@$(VENV)/bin/mypy
+	@$(VENV)/bin/lint-imports
+
+crds: install
+	@$(PY) -m openledger.cli crds generate
+
+unit: install
+	@$(VENV)/bin/pytest -m unit -q
+
+test: install
+	@$(PY) -m openledger.local.toolchain >/dev/null
+	@$(MAKE) --no-print-directory lint
+	@$(VENV)/bin/pytest -q -m "not bench"
+
+bench: install
+	@$(VENV)/bin/pytest -q -m bench -s
+
+clean: down
+	@rm -rf .local

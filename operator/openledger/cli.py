@@ -1,0 +1,98 @@
+"""``openledger``: one command line for every process and tool of the product."""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+
+from openledger.logs import setup_logging
+from openledger.settings import get_settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """OpenLedger control plane: operator, gateway, ledger and settlement."""
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_format)
+
+
+# ------------------------------------------------------------ local platform
+
+
+@cli.group()
+def local() -> None:
+    """The local platform (real etcd, kube-apiserver, PostgreSQL, Redis, anvil)."""
+
+
+@local.command("up")
+@click.option("--dir", "base_dir", type=click.Path(path_type=Path), default=None, help="State folder (default .local).")
+def local_up(base_dir: Path | None) -> None:
+    """Start the platform and the product's processes in the background."""
+    from openledger.local.platform import LocalPlatform, describe, stop_detached
+    from openledger.local.processes import wait_ready
+    from openledger.local.product import PRODUCT_PROCESSES
+
+    base = (base_dir or get_settings().local_dir).resolve()
+    rows = describe(base)
+    if rows and all(alive for _, _, alive, _ in rows):
+        click.echo(f"already up; `source {base / 'env'}` (make down to stop)")
+        return
+    stop_detached(base)
+    started = time.monotonic()
+    platform = LocalPlatform(base, detached=True)
+    endpoints = platform.start()
+    try:
+        for build in PRODUCT_PROCESSES:
+            spec = build(endpoints, platform._port)
+            process = platform._spawn(spec.name, spec.argv(), env={**endpoints.as_env(), **spec.env})
+            if spec.ready_url:
+                url = spec.ready_url
+                wait_ready(process, lambda u=url: urllib.request.urlopen(u, timeout=1).status == 200, 120)  # type: ignore[misc]
+            endpoints.extra.update(spec.exports)
+    except BaseException:
+        platform.stop()
+        raise
+    platform.write_state()
+    click.echo(f"local platform up in {time.monotonic() - started:.1f} s (state in {base})")
+    for name, pid, _, log in describe(base):
+        click.echo(f"  {name:<16} pid {pid:<8} log {log}")
+    for key, value in endpoints.as_env().items():
+        click.echo(f"  {key}={value}")
+    click.echo(f"source {base / 'env'} to use it; `make down` stops everything")
+
+
+@local.command("down")
+@click.option("--dir", "base_dir", type=click.Path(path_type=Path), default=None)
+def local_down(base_dir: Path | None) -> None:
+    """Stop everything `local up` started."""
+    from openledger.local.platform import stop_detached
+
+    stopped = stop_detached((base_dir or get_settings().local_dir).resolve())
+    click.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@local.command("status")
+@click.option("--dir", "base_dir", type=click.Path(path_type=Path), default=None)
+def local_status(base_dir: Path | None) -> None:
+    """Show what runs; exit 1 when something recorded is not running."""
+    from openledger.local.platform import describe
+
+    rows = describe((base_dir or get_settings().local_dir).resolve())
+    if not rows:
+        click.echo("nothing is running (make up starts it)")
+        sys.exit(1)
+    for name, pid, alive, log in rows:
+        click.echo(f"{name:<16} pid {pid:<8} {'running' if alive else 'DEAD':<8} {log}")
+    sys.exit(0 if all(alive for _, _, alive, _ in rows) else 1)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Binaries of the local platform: found, or built once and cached by version.
+
+Nothing here downloads a prebuilt binary: Kubernetes, etcd and helm are built
+from Go modules through the module proxy, anvil comes from its npm package.
+Results live under ``~/.cache/openledger/<tool>-<version>/`` (outside the
+repository), so a second ``make up`` or CI run reuses them.
+
+``KUBEBUILDER_ASSETS`` (the envtest convention) wins when set: a folder that
+holds ``etcd``, ``kube-apiserver`` and usually ``kubectl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KUBERNETES_VERSION = "v1.36.3"
+ETCD_VERSION = "v3.6.16"
+HELM_VERSION = "v3.22.0"
+ANVIL_NPM_VERSION = "1.7.1"
+SOLC_NPM_VERSION = "0.8.37"
+OPENZEPPELIN_NPM_VERSION = "5.7.0"
+
+
+class ToolchainError(RuntimeError):
+    """A tool could not be found or built; the message says what to install."""
+
+
+@dataclass(frozen=True)
+class Tools:
+    etcd: Path
+    kube_apiserver: Path
+    kubectl: Path
+    helm: Path
+    anvil: Path
+
+
+def cache_root() -> Path:
+    root = os.environ.get("OPENLEDGER_CACHE_DIR") or str(Path.home() / ".cache" / "openledger")
+    return Path(root)
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    log.info("running %s", " ".join(cmd), extra={"action": "toolchain.run"})
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ToolchainError(
+            f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return proc.stdout
+
+
+def _require(binary: str, hint: str) -> str:
+    found = shutil.which(binary)
+    if not found:
+        raise ToolchainError(f"`{binary}` is not on PATH: {hint}")
+    return found
+
+
+def _progress(message: str) -> None:
+    print(f"[openledger] {message}", file=sys.stderr, flush=True)
+
+
+def _go_env() -> dict[str, str]:
+    return {"CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOWORK": "off"}
+
+
+def staging_replaces(kubernetes_gomod: str, minor_version: str) -> list[str]:
+    """Replace directives that pin k8s.io/kubernetes's ./staging modules to real versions.
+
+    ``minor_version`` is the staging modules' tag, ``v0.36.3`` for Kubernetes v1.36.3.
+    """
+    replaces: list[str] = []
+    for match in re.finditer(r"^\s*(k8s\.io/[\w.\-/]+)\s*=>\s*\./staging/src/", kubernetes_gomod, re.M):
+        module = match.group(1)
+        replaces.append(f"replace {module} => {module} {minor_version}")
+    return replaces
+
+
+def godebug_line(kubernetes_gomod: str) -> str:
+    match = re.search(r"^godebug\s+.*$", kubernetes_gomod, re.M)
+    return match.group(0) if match else ""
+
+
+def _kubernetes_module_gomod(workdir: Path) -> str:
+    out = _run(
+        ["go", "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
+        cwd=workdir,
+        env=_go_env(),
+    )
+    info = json.loads(out)
+    return Path(info["GoMod"]).read_text()
+
+
+def _build_kubernetes(dest: Path) -> None:
+    """kube-apiserver and kubectl from k8s.io/kubernetes through a throwaway module."""
+    _require("go", "install Go 1.26 or newer")
+    minor = "v0." + KUBERNETES_VERSION.split(".", 1)[1]
+    with tempfile.TemporaryDirectory(prefix="ol-kube-") as tmp:
+        work = Path(tmp)
+        _run(["go", "mod", "init", "openledger.local/kubebuild"], cwd=work, env=_go_env())
+        upstream = _kubernetes_module_gomod(work)
+        gomod = (work / "go.mod").read_text()
+        gomod += f"\nrequire k8s.io/kubernetes {KUBERNETES_VERSION}\n"
+        gomod += "\n".join(staging_replaces(upstream, minor)) + "\n"
+        gomod += godebug_line(upstream) + "\n"
+        (work / "go.mod").write_text(gomod)
+        (work / "tools.go").write_text(
+            "//go:build tools\npackage tools\n\nimport (\n"
+            '\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
+            '\t_ "k8s.io/kubernetes/cmd/kubectl"\n)\n'
+        )
+        _progress("resolving Kubernetes modules (first run only)")
+        _run(["go", "mod", "tidy"], cwd=work, env=_go_env())
+        major, minor_n = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+        pkg = "k8s.io/component-base/version"
+        ldflags = " ".join(
+            [
+                f"-X {pkg}.gitVersion={KUBERNETES_VERSION}",
+                f"-X {pkg}.gitMajor={major}",
+                f"-X {pkg}.gitMinor={minor_n}",
+                f"-X {pkg}.gitTreeState=clean",
+                f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+                "-s -w",
+            ]
+        )
+        for cmd in ("kube-apiserver", "kubectl"):
+            _progress(f"building {cmd} {KUBERNETES_VERSION} (first run only, several minutes)")
+            _run(
+                ["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(dest / cmd), f"k8s.io/kubernetes/cmd/{cmd}"],
+                cwd=work,
+                env=_go_env(),
+            )
+
+
+def _build_go_tool(dest: Path, module: str, version: str, package: str, name: str) -> None:
+    _require("go", "install Go 1.26 or newer")
+    with tempfile.TemporaryDirectory(prefix=f"ol-{name}-") as tmp:
+        work = Path(tmp)
+        _run(["go", "mod", "init", f"openledger.local/{name}build"], cwd=work, env=_go_env())
+        _progress(f"building {name} {version} (first run only)")
+        _run(["go", "get", f"{module}@{version}"], cwd=work, env=_go_env())
+        _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(dest / name), package], cwd=work, env=_go_env())
+
+
+def _cached(name: str, version: str, binaries: list[str], build: object) -> Path:
+    dest = cache_root() / f"{name}-{version}"
+    if all((dest / b).exists() for b in binaries):
+        return dest
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    build(partial)  # type: ignore[operator]
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    return dest
+
+
+def etcd_binary() -> Path:
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if assets and (Path(assets) / "etcd").exists():
+        return Path(assets) / "etcd"
+    dest = _cached(
+        "etcd",
+        ETCD_VERSION,
+        ["etcd"],
+        lambda d: _build_go_tool(d, "go.etcd.io/etcd/server/v3", ETCD_VERSION, "go.etcd.io/etcd/server/v3", "etcd"),
+    )
+    return dest / "etcd"
+
+
+def kubernetes_binaries() -> tuple[Path, Path]:
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if assets and (Path(assets) / "kube-apiserver").exists():
+        kubectl = Path(assets) / "kubectl"
+        if not kubectl.exists():
+            kubectl = _cached("kubernetes", KUBERNETES_VERSION, ["kubectl"], _build_kubernetes) / "kubectl"
+        return Path(assets) / "kube-apiserver", kubectl
+    dest = _cached("kubernetes", KUBERNETES_VERSION, ["kube-apiserver", "kubectl"], _build_kubernetes)
+    return dest / "kube-apiserver", dest / "kubectl"
+
+
+def helm_binary() -> Path:
+    dest = _cached(
+        "helm",
+        HELM_VERSION,
+        ["helm"],
+        lambda d: _build_go_tool(d, "helm.sh/helm/v3", HELM_VERSION, "helm.sh/helm/v3/cmd/helm", "helm"),
+    )
+    return dest / "helm"
+
+
+def _npm_install(dest: Path, packages: list[str]) -> None:
+    _require("npm", "install Node.js 20 and npm")
+    (dest / "package.json").write_text('{"private": true}\n')
+    _progress(f"installing {' '.join(packages)} from npm (first run only)")
+    _run(["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts=false", *packages], cwd=dest)
+
+
+def anvil_binary() -> Path:
+    """The anvil executable shipped inside the pinned npm package, run directly."""
+    dest = _cached(
+        "anvil",
+        ANVIL_NPM_VERSION,
+        ["package.json"],
+        lambda d: _npm_install(d, [f"@foundry-rs/anvil@{ANVIL_NPM_VERSION}"]),
+    )
+    for candidate in sorted((dest / "node_modules").glob("@foundry-rs/*/bin/anvil")):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    for candidate in sorted((dest / "node_modules").rglob("anvil")):
+        if candidate.is_file() and os.access(candidate, os.X_OK) and candidate.stat().st_size > 1_000_000:
+            return candidate
+    raise ToolchainError(
+        f"no anvil executable inside {dest}/node_modules: "
+        f"remove {dest} and retry; `npm install @foundry-rs/anvil@{ANVIL_NPM_VERSION}` must reach the npm registry"
+    )
+
+
+def solidity_toolchain() -> Path:
+    """node_modules with the pinned solc (JS) and OpenZeppelin contracts."""
+    return _cached(
+        "solidity",
+        f"{SOLC_NPM_VERSION}-oz{OPENZEPPELIN_NPM_VERSION}",
+        ["package.json"],
+        lambda d: _npm_install(d, [f"solc@{SOLC_NPM_VERSION}", f"@openzeppelin/contracts@{OPENZEPPELIN_NPM_VERSION}"]),
+    )
+
+
+def all_tools() -> Tools:
+    apiserver, kubectl = kubernetes_binaries()
+    return Tools(
+        etcd=etcd_binary(),
+        kube_apiserver=apiserver,
+        kubectl=kubectl,
+        helm=helm_binary(),
+        anvil=anvil_binary(),
+    )
+
+
+def main() -> None:
+    """``python -m openledger.local.toolchain``: build or locate everything, print paths."""
+    logging.basicConfig(level=logging.WARNING)
+    tools = all_tools()
+    for field, path in tools.__dict__.items():
+        print(f"{field}={path}")
+
+
+if __name__ == "__main__":
+    main()

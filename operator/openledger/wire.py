@@ -1,0 +1,209 @@
+"""Formats that cross process boundaries: Redis keys, stream names, the usage event.
+
+The gateway writes usage events, the ledger worker reads them; the Model and
+RewardPool controllers write routing records, the gateway reads them. Both sides
+import this module, so the format is defined once. Money is always an ``int`` in
+base units; on the wire it is a decimal string of that integer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import NewType
+
+EventId = NewType("EventId", str)
+Address = NewType("Address", str)  # "0x" + 40 hex, lower-case
+
+USAGE_STREAM = "openledger:usage"
+USAGE_DEAD_LETTER_STREAM = "openledger:usage:dead"
+USAGE_CONSUMER_GROUP = "ledger"
+
+OUTCOMES = ("ok", "upstream_error", "timeout", "cancelled")
+
+
+def object_ref(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def model_route_key(namespace: str, name: str) -> str:
+    """JSON ``ModelRoute`` written by the Model controller."""
+    return f"openledger:model:{namespace}/{name}"
+
+
+def model_pool_key(namespace: str, name: str) -> str:
+    """JSON ``PoolBinding`` written by the RewardPool controller for each selected Model."""
+    return f"openledger:model-pool:{namespace}/{name}"
+
+
+@dataclass(frozen=True)
+class Price:
+    """A Model's price list in base units of ``token`` (``decimals`` places)."""
+
+    token: str = "OPEN"
+    decimals: int = 18
+    per_request: int = 0
+    per_input_token: int = 0
+    per_output_token: int = 0
+
+    def cost(self, input_tokens: int, output_tokens: int) -> int:
+        return self.per_request + input_tokens * self.per_input_token + output_tokens * self.per_output_token
+
+
+@dataclass(frozen=True)
+class Contributor:
+    account: str
+    share_bps: int
+    role: str = "data"
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """What the gateway needs to route to, price and attribute a Model."""
+
+    model: str  # namespace/name
+    url: str  # the InferenceService URL ("" while not ready)
+    protocol: str  # openai | v1 | v2
+    price: Price
+    owner: str
+    contributors: tuple[Contributor, ...] = ()
+    generation: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ModelRoute:
+        data = json.loads(raw)
+        data["price"] = Price(**data["price"])
+        data["contributors"] = tuple(Contributor(**c) for c in data["contributors"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PoolBinding:
+    pool: str  # namespace/name of the RewardPool that settles this Model
+    fee_bps: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> PoolBinding:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One request that reached a model. Its id is minted at the gateway (UUIDv7).
+
+    Everything needed to post it is snapshotted here, so the ledger never has to
+    ask the cluster what the price or the shares were at the time.
+    """
+
+    event_id: str
+    agent: str  # namespace/name
+    payer: str  # the Agent's account (0x…)
+    model: str  # namespace/name
+    owner: str
+    price: Price
+    input_tokens: int
+    output_tokens: int
+    cost: int  # base units; price.cost(input_tokens, output_tokens)
+    outcome: str
+    started_at_ms: int
+    finished_at_ms: int
+    contributors: tuple[Contributor, ...] = ()
+    pool: str = ""  # "" when no RewardPool selects the Model yet
+    fee_bps: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_fields(self) -> dict[str, str]:
+        """Flat string fields for XADD."""
+        return {
+            "id": self.event_id,
+            "agent": self.agent,
+            "payer": self.payer,
+            "model": self.model,
+            "owner": self.owner,
+            "token": self.price.token,
+            "decimals": str(self.price.decimals),
+            "per_request": str(self.price.per_request),
+            "per_input_token": str(self.price.per_input_token),
+            "per_output_token": str(self.price.per_output_token),
+            "input_tokens": str(self.input_tokens),
+            "output_tokens": str(self.output_tokens),
+            "cost": str(self.cost),
+            "outcome": self.outcome,
+            "started_at_ms": str(self.started_at_ms),
+            "finished_at_ms": str(self.finished_at_ms),
+            "contributors": ",".join(f"{c.account}:{c.share_bps}:{c.role}" for c in self.contributors),
+            "pool": self.pool,
+            "fee_bps": str(self.fee_bps),
+            "extra": json.dumps(self.extra, separators=(",", ":")) if self.extra else "",
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str] | dict[bytes, bytes]) -> UsageEvent:
+        """Parse XREAD fields; raises ``ValueError`` naming the bad field."""
+        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
+
+        def text(name: str) -> str:
+            if name not in f:
+                raise ValueError(f"usage event: missing field {name!r}")
+            return f[name]
+
+        def integer(name: str) -> int:
+            raw = text(name)
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValueError(f"usage event: field {name!r} is not an integer: {raw[:40]!r}") from None
+            if value < 0:
+                raise ValueError(f"usage event: field {name!r} is negative")
+            return value
+
+        contributors = []
+        for part in filter(None, f.get("contributors", "").split(",")):
+            try:
+                account, bps, role = part.split(":")
+                contributors.append(Contributor(account, int(bps), role))
+            except ValueError:
+                raise ValueError(f"usage event: field 'contributors' is malformed: {part[:60]!r}") from None
+        outcome = text("outcome")
+        if outcome not in OUTCOMES:
+            raise ValueError(f"usage event: field 'outcome' must be one of {OUTCOMES}, got {outcome[:20]!r}")
+        price = Price(
+            token=text("token"),
+            decimals=integer("decimals"),
+            per_request=integer("per_request"),
+            per_input_token=integer("per_input_token"),
+            per_output_token=integer("per_output_token"),
+        )
+        event = cls(
+            event_id=text("id"),
+            agent=text("agent"),
+            payer=text("payer"),
+            model=text("model"),
+            owner=text("owner"),
+            price=price,
+            input_tokens=integer("input_tokens"),
+            output_tokens=integer("output_tokens"),
+            cost=integer("cost"),
+            outcome=outcome,
+            started_at_ms=integer("started_at_ms"),
+            finished_at_ms=integer("finished_at_ms"),
+            contributors=tuple(contributors),
+            pool=f.get("pool", ""),
+            fee_bps=integer("fee_bps") if f.get("fee_bps") else 0,
+            extra=json.loads(f["extra"]) if f.get("extra") else {},
+        )
+        if not event.event_id:
+            raise ValueError("usage event: field 'id' is empty")
+        # A failed request is released, not charged: its cost is 0.
+        expected = price.cost(event.input_tokens, event.output_tokens) if outcome == "ok" else 0
+        if event.cost != expected:
+            raise ValueError(f"usage event: field 'cost' is {event.cost}, the price snapshot and tokens say {expected}")
+        if sum(c.share_bps for c in contributors) + event.fee_bps > 10_000:
+            raise ValueError("usage event: fields 'contributors' and 'fee_bps' share more than 10000 bps")
+        return event
