@@ -5,6 +5,7 @@ import json
 import sys
 import tomllib
 
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
 key = json.dumps([sys.version_info[:2], project["dependencies"], project["optional-dependencies"]])
 print(hashlib.sha256(key.encode()).hexdigest()[:12])

@@ -48,7 +48,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def local_platform() -> Iterator[LocalPlatform]:
     base = Path(tempfile.mkdtemp(prefix="openledger-test-"))
-    platform = LocalPlatform(base, detached=False, durable=False, components=_needed or FIXTURE_COMPONENTS["local_platform"])
+    platform = LocalPlatform(
+        base, detached=False, durable=False, components=_needed or FIXTURE_COMPONENTS["local_platform"]
+    )
     platform.start()
     try:
         yield platform

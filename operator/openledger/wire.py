@@ -146,7 +146,10 @@ class UsageEvent:
     @classmethod
     def from_fields(cls, fields: dict[str, str] | dict[bytes, bytes]) -> UsageEvent:
         """Parse XREAD fields; raises ``ValueError`` naming the bad field."""
-        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
+        f = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
 
         def text(name: str) -> str:
             if name not in f:

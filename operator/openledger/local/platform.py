@@ -177,7 +177,9 @@ class LocalPlatform:
 
     def write_state(self) -> None:
         state = {
-            "processes": {n: {"pid": p.pid, "log": str(p.log_path), "signal": p.stop_signal} for n, p in self.processes.items()},
+            "processes": {
+                n: {"pid": p.pid, "log": str(p.log_path), "signal": p.stop_signal} for n, p in self.processes.items()
+            },
             "env": self.endpoints.as_env(),
             "ports": self.ports,
         }
@@ -276,7 +278,9 @@ class LocalPlatform:
         if not shutil.which("openssl"):
             raise ComponentError("`openssl` is not on PATH: install it (apt-get install openssl)")
         subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
-        subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
+        subprocess.run(
+            ["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True
+        )
 
     def _write_kubeconfig(self, conf: Path, url: str, token: str) -> Path:
         path = conf / "kubeconfig"
@@ -346,7 +350,19 @@ class LocalPlatform:
                 for path in (data.parent, data, sockets):
                     shutil.chown(path, run_as, run_as)
             init = subprocess.run(
-                [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"],
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "--no-instructions",
+                ],
                 capture_output=True,
                 text=True,
                 user=run_as,
@@ -379,11 +395,27 @@ class LocalPlatform:
     def _start_redis(self) -> None:
         binary = shutil.which("redis-server")
         if not binary:
-            raise ComponentError("`redis-server` is not installed: apt-get install redis-server (make test does it as root)")
+            raise ComponentError(
+                "`redis-server` is not installed: apt-get install redis-server (make test does it as root)"
+            )
         port = self._port("redis")
         data = self.base_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data), "--daemonize", "no"]
+        argv = [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+            "--daemonize",
+            "no",
+        ]
         process = self._spawn("redis", argv)
         url = f"redis://127.0.0.1:{port}/0"
         wait_ready(process, lambda: _redis_ping(port), 30)

@@ -9,6 +9,7 @@ Two lifetimes:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -148,11 +149,9 @@ def wait_ready(
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(Exception):  # any failure of a probe means "not yet"
             if probe():
                 return
-        except Exception:  # noqa: BLE001 - any failure of a probe means "not yet"
-            pass
         if not process.alive():
             raise ComponentError(
                 f"{process.name} exited during start-up. {hint}\n"

@@ -55,9 +55,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ToolchainError(
-            f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
+        raise ToolchainError(f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc.stdout
 
 
@@ -138,7 +136,16 @@ def _build_kubernetes(dest: Path) -> None:
         for cmd in ("kube-apiserver", "kubectl"):
             _progress(f"building {cmd} {KUBERNETES_VERSION} (first run only, several minutes)")
             _run(
-                ["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(dest / cmd), f"k8s.io/kubernetes/cmd/{cmd}"],
+                [
+                    "go",
+                    "build",
+                    "-trimpath",
+                    "-ldflags",
+                    ldflags,
+                    "-o",
+                    str(dest / cmd),
+                    f"k8s.io/kubernetes/cmd/{cmd}",
+                ],
                 cwd=work,
                 env=_go_env(),
             )
@@ -151,7 +158,9 @@ def _build_go_tool(dest: Path, module: str, version: str, package: str, name: st
         _run(["go", "mod", "init", f"openledger.local/{name}build"], cwd=work, env=_go_env())
         _progress(f"building {name} {version} (first run only)")
         _run(["go", "get", f"{module}@{version}"], cwd=work, env=_go_env())
-        _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(dest / name), package], cwd=work, env=_go_env())
+        _run(
+            ["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(dest / name), package], cwd=work, env=_go_env()
+        )
 
 
 def _cached(name: str, version: str, binaries: list[str], build: object) -> Path:

@@ -1,0 +1,3 @@
+from openledger.settlement.contracts import main
+
+main()
