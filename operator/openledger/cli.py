@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -33,8 +35,9 @@ def local() -> None:
 def local_up(base_dir: Path | None) -> None:
     """Start the platform and the product's processes in the background."""
     from openledger.local.platform import LocalPlatform, describe, stop_detached
-    from openledger.local.processes import wait_ready
+    from openledger.local.processes import ComponentError, wait_ready
     from openledger.local.product import PRODUCT_PROCESSES
+    from openledger.local.toolchain import ToolchainError
 
     base = (base_dir or get_settings().local_dir).resolve()
     rows = describe(base)
@@ -44,15 +47,24 @@ def local_up(base_dir: Path | None) -> None:
     stop_detached(base)
     started = time.monotonic()
     platform = LocalPlatform(base, detached=True)
-    endpoints = platform.start()
     try:
-        for build in PRODUCT_PROCESSES:
-            spec = build(endpoints, platform._port)
-            process = platform._spawn(spec.name, spec.argv(), env={**endpoints.as_env(), **spec.env})
-            if spec.ready_url:
-                url = spec.ready_url
-                wait_ready(process, lambda u=url: urllib.request.urlopen(u, timeout=1).status == 200, 120)  # type: ignore[misc]
+        endpoints = platform.start()
+        specs = [build(endpoints, platform._port) for build in PRODUCT_PROCESSES]
+        spawned = [platform._spawn(s.name, s.argv(), env={**endpoints.as_env(), **s.env}) for s in specs]
+        # Product processes start side by side; each is then checked by a real request.
+        with ThreadPoolExecutor(max_workers=max(len(specs), 1)) as pool:
+            checks = [
+                pool.submit(wait_ready, process, functools.partial(_http_ok, spec.ready_url), 120)
+                for spec, process in zip(specs, spawned, strict=True)
+                if spec.ready_url
+            ]
+            for check in checks:
+                check.result()
+        for spec in specs:
             endpoints.extra.update(spec.exports)
+    except (ComponentError, ToolchainError) as exc:
+        platform.stop()
+        raise click.ClickException(str(exc)) from None
     except BaseException:
         platform.stop()
         raise
@@ -63,6 +75,11 @@ def local_up(base_dir: Path | None) -> None:
     for key, value in endpoints.as_env().items():
         click.echo(f"  {key}={value}")
     click.echo(f"source {base / 'env'} to use it; `make down` stops everything")
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        return bool(response.status == 200)
 
 
 @local.command("down")
@@ -88,6 +105,13 @@ def local_status(base_dir: Path | None) -> None:
     for name, pid, alive, log in rows:
         click.echo(f"{name:<16} pid {pid:<8} {'running' if alive else 'DEAD':<8} {log}")
     sys.exit(0 if all(alive for _, _, alive, _ in rows) else 1)
+
+
+from openledger.controllers.commands import crds as _crds_group  # noqa: E402
+from openledger.controllers.commands import operator_command as _operator_command  # noqa: E402
+
+cli.add_command(_crds_group)
+cli.add_command(_operator_command)
 
 
 def main() -> None:
