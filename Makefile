@@ -56,7 +56,7 @@ test: install
 	@$(VENV)/bin/pytest -q -m "not bench"
 
 bench: install
-	@$(VENV)/bin/pytest -q -m bench -s
+	@$(VENV)/bin/pytest -q -m bench -s bench
 
 clean: down
 	@rm -rf .local

@@ -114,6 +114,21 @@ cli.add_command(_crds_group)
 cli.add_command(_operator_command)
 
 
+from openledger.gateway.server import gateway_command  # noqa: E402
+
+cli.add_command(gateway_command)
+
+from openledger.local.standin import standin_command  # noqa: E402
+
+cli.add_command(standin_command)
+
+from openledger.settlement.ledger.cli import db_group, ledger_group, ledger_worker  # noqa: E402
+
+cli.add_command(db_group)
+cli.add_command(ledger_group)
+cli.add_command(ledger_worker)
+
+
 def main() -> None:
     cli()
 

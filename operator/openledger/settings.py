@@ -41,6 +41,49 @@ class Settings(BaseSettings):
     health_port: int = 8081
     gateway_port: int = 8080
 
+    # Gateway (`openledger gateway`). The usage stream is a setting so tests can isolate it.
+    gateway_metrics_port: int = 9109
+    gateway_usage_stream: str = "openledger:usage"
+    gateway_upstream_timeout_s: float = 60.0
+    gateway_upstream_connections: int = 256
+    gateway_default_max_tokens: int = 256
+    gateway_max_body_bytes: int = 8 * 1024 * 1024
+    gateway_breaker_failures: int = 5
+    gateway_breaker_cooldown_s: float = 5.0
+    gateway_retry_ratio: float = 0.1
+    gateway_route_cache_s: float = 1.0
+    gateway_agent_cache_s: float = 30.0
+
+    # Operator (controllers/runner.py). Leader election: one replica acts, others wait.
+    operator_namespace: str = "default"  # where the leader-election Lease lives (the pod's namespace)
+    leader_election: bool = True
+    leader_lease_name: str = "openledger-operator"
+    leader_lease_duration_s: float = 15.0
+    leader_renew_period_s: float = 5.0
+    operator_resync_s: float = 300.0  # full level-based pass over every cached object
+    operator_crd_retry_s: float = 30.0  # how often to retry while a needed CRD (KServe) is missing
+    operator_max_concurrent_reconciles: int = 32
+    kube_max_connections: int = 64  # HTTP connection pool of the operator's API client
+    kube_request_timeout_s: float = 30.0
+    # Testing only: pause this long right after creating a child object (kill -9 window).
+    operator_test_pause_after_create_s: float = 0.0
+
+    # Ledger (settlement/ledger). The stream names default to openledger.wire's; tests override them.
+    usage_stream: str = "openledger:usage"
+    usage_dead_letter_stream: str = "openledger:usage:dead"
+    usage_consumer_group: str = "ledger"
+    ledger_batch_size: int = 5000  # entries per XREADGROUP / transaction (max)
+    ledger_block_ms: int = 200  # XREADGROUP BLOCK
+    ledger_claim_idle_ms: int = 30_000  # reclaim a dead consumer's entries after this idle time
+    ledger_claim_interval_s: float = 1.0
+    ledger_max_deliveries: int = 5  # a message failing this many deliveries goes to the dead-letter stream
+    ledger_metrics_port: int = 9110  # 0: no metrics server
+    ledger_verify_interval_s: float = 300.0  # quick verify in the worker; 0 disables
+    ledger_upgrade_on_start: bool = True  # the worker runs `db upgrade` before consuming
+    # Testing only: pause this long before COMMIT or between COMMIT and XACK (crash windows).
+    ledger_test_pause_s: float = 0.0
+    ledger_test_pause_at: str = "after_commit"  # before_commit | after_commit
+
     log_level: str = "INFO"
     log_format: str = "json"  # json | text
 

@@ -30,3 +30,36 @@ class ProductProcess:
 # Builders take the platform's endpoints and a port allocator.
 ProcessBuilder = Callable[[Endpoints, Callable[[str], int]], ProductProcess]
 PRODUCT_PROCESSES: list[ProcessBuilder] = []
+
+
+def _operator(endpoints: Endpoints, port: Callable[[str], int]) -> ProductProcess:
+    from openledger.controllers.commands import operator_process
+
+    return operator_process(endpoints, port)
+
+
+PRODUCT_PROCESSES.append(_operator)
+
+
+
+def _standin(endpoints: Endpoints, port: Callable[[str], int]) -> ProductProcess:
+    # LOCAL STAND-IN for KServe: serves InferenceServices on loopback (never in the chart).
+    return ProductProcess(name="serving-standin", args=["standin", "run"])
+
+
+def _gateway(endpoints: Endpoints, port: Callable[[str], int]) -> ProductProcess:
+    http, metrics = port("gateway"), port("gateway-metrics")
+    return ProductProcess(
+        name="gateway",
+        args=["gateway", "--port", str(http), "--metrics-port", str(metrics)],
+        ready_url=f"http://127.0.0.1:{http}/healthz",
+        exports={
+            "GATEWAY_URL": f"http://127.0.0.1:{http}",
+            "GATEWAY_METRICS_URL": f"http://127.0.0.1:{metrics}/metrics",
+            "METRICS_URL": f"http://127.0.0.1:{metrics}/metrics",
+        },
+    )
+
+
+PRODUCT_PROCESSES.append(_standin)
+PRODUCT_PROCESSES.append(_gateway)

@@ -1,0 +1,316 @@
+"""Agent controller (Kopf handlers): credentials, limits and budget in Redis, status.
+
+Every handler may run more than once (Kopf retries, operator restarts, resume):
+- ``reconcile_agent`` is level-based: it adopts the key already in the Agent's
+  Secret (only its SHA-256 hash goes to Redis) or issues a new one, and writes
+  the configuration with one Lua call that bumps the version only when
+  something changed. Running it twice changes nothing.
+- ``delete_agent`` (finalizer) deletes the key's hash first (the gateway's
+  admission script checks it on every request, so access ends at once), then
+  the Agent's Redis records and the Secret. Deleting what is gone is a no-op.
+- ``secret_deleted``: deleting the Secret rotates the key: a new key, a new
+  Secret, and the old hash removed in the same Lua call.
+- ``agent_usage`` (timer): queue depth, in-flight, spend and rate-limited count
+  from Redis into the status.
+
+The key itself is never logged, put in status, Events or metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+import redis.asyncio as aioredis
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from openledger.controllers import kube
+from openledger.controllers.agent_builder import (
+    AGENT_LABEL,
+    AgentSpecError,
+    Usage,
+    agent_config,
+    agent_status,
+    api_key_from_secret,
+    credentials_secret,
+    failed_status,
+    new_api_key,
+    same_config,
+    secret_name,
+)
+from openledger.controllers.api import GROUP, VERSION
+from openledger.gateway.records import (
+    QUEUE_GROUP,
+    AgentConfig,
+    AgentKeys,
+    apikey_key,
+    hash_api_key,
+    period_bounds_s,
+    period_id,
+)
+from openledger.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+PLURAL = "agents"
+STATUS_INTERVAL_S = 2.0
+
+# Replace the config, map the new key hash, drop the old one, ensure the queue
+# and its consumer group — atomically. KEYS: config, new apikey, old apikey (or
+# the new one again), queue. ARGV: ref, expected old hash ("" = none), field, value…
+_APPLY = """
+local current = redis.call('HGET', KEYS[1], 'key_hash') or ''
+if current ~= ARGV[2] then return -1 end
+local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') + 1
+redis.call('DEL', KEYS[1])
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'version', tostring(version), unpack(fields))
+redis.call('SET', KEYS[2], ARGV[1])
+if KEYS[3] ~= KEYS[2] then redis.call('DEL', KEYS[3]) end
+redis.pcall('XGROUP', 'CREATE', KEYS[4], '@GROUP@', '$', 'MKSTREAM')
+return version
+""".replace("@GROUP@", QUEUE_GROUP)
+
+_state: dict[str, Any] = {}
+
+
+async def _api() -> ApiClient:
+    if "api" not in _state:
+        _state["api"] = await kube.new_api_client()
+    api: ApiClient = _state["api"]
+    return api
+
+
+def _redis() -> aioredis.Redis:
+    if "redis" not in _state:
+        _state["redis"] = aioredis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=5)
+    r: aioredis.Redis = _state["redis"]
+    return r
+
+
+@kopf.on.cleanup()
+async def _close(**_: Any) -> None:
+    if "redis" in _state:
+        await _state.pop("redis").aclose()
+    if "api" in _state:
+        await _state.pop("api").close()
+
+
+# ------------------------------------------------------------------ Redis edge
+
+
+async def read_config(ref: str) -> AgentConfig | None:
+    raw = await _redis().hgetall(AgentKeys(ref).config)
+    return AgentConfig.from_fields({_text(k): _text(v) for k, v in raw.items()}) if raw else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def write_config(config: AgentConfig, previous: AgentConfig | None) -> int:
+    """Apply ``config`` atomically; returns the version now in Redis."""
+    if previous is not None and same_config(config, previous):
+        return previous.version
+    keys = AgentKeys(config.ref)
+    old_hash = previous.key_hash if previous else ""
+    fields = config.to_fields()
+    fields.pop("version")
+    argv: list[str] = [config.ref, old_hash]
+    for k, v in fields.items():
+        argv += [k, v]
+    old_key = apikey_key(old_hash) if old_hash else apikey_key(config.key_hash)
+    version = await _redis().eval(_APPLY, 4, keys.config, apikey_key(config.key_hash), old_key, keys.queue, *argv)
+    if int(version) < 0:
+        raise kopf.TemporaryError("agent config changed concurrently; retrying", delay=1)
+    return int(version)
+
+
+async def revoke(ref: str) -> None:
+    """Remove the key hash first (access ends with it), then every record of the Agent."""
+    r = _redis()
+    keys = AgentKeys(ref)
+    key_hash = await r.hget(keys.config, "key_hash")
+    async with r.pipeline(transaction=True) as pipe:
+        if key_hash:
+            pipe.delete(apikey_key(_text(key_hash)))
+        pipe.delete(*keys.all_static())
+        await pipe.execute()
+
+
+async def read_usage(config: AgentConfig) -> Usage:
+    keys = AgentKeys(config.ref)
+    now = datetime.now(UTC).timestamp()
+    async with _redis().pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.queue)
+        pipe.zcard(keys.inflight)
+        pipe.get(keys.spent(period_id(config.budget_period, now)))
+        pipe.hget(keys.reserved, "_total")
+        pipe.hget(keys.stats, "rate_limited")
+        depth, in_flight, spent, reserved, limited = await pipe.execute()
+    start, _ = period_bounds_s(config.budget_period, now)
+    return Usage(
+        queue_depth=int(depth or 0),
+        in_flight=int(in_flight or 0),
+        spent_quanta=int(spent or 0),
+        reserved_quanta=int(reserved or 0),
+        rate_limited=int(limited or 0),
+        period_start=datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+# ------------------------------------------------------------- Kubernetes edge
+
+
+async def _read_secret(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        secret = await client.CoreV1Api(await _api()).read_namespaced_secret(name, namespace, _request_timeout=10)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return dict(client.ApiClient().sanitize_for_serialization(secret))
+
+
+async def _ensure_key(agent: Mapping[str, Any]) -> tuple[str, bool]:
+    """The hash of the key in the Agent's Secret, issuing a new key and Secret when there is none.
+
+    Returns (key hash, issued now). The key never leaves this function except into the Secret.
+    """
+    meta = agent["metadata"]
+    name = secret_name(meta["name"], agent.get("spec") or {})
+    existing = api_key_from_secret(await _read_secret(meta["namespace"], name))
+    if existing is not None:
+        return hash_api_key(existing), False
+    key = new_api_key()
+    try:
+        await client.CoreV1Api(await _api()).create_namespaced_secret(
+            meta["namespace"],
+            credentials_secret(agent, key),  # type: ignore[arg-type]
+            _request_timeout=10,
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        # Someone (an earlier run of this handler) created it meanwhile: adopt that key.
+        existing = api_key_from_secret(await _read_secret(meta["namespace"], name))
+        if existing is None:
+            raise kopf.TemporaryError(f"Secret {name} exists without {'apiKey'!r}; retrying", delay=2) from None
+        return hash_api_key(existing), False
+    return hash_api_key(key), True
+
+
+async def apply_agent(agent: Mapping[str, Any], *, rotated: bool = False) -> dict[str, Any]:
+    """Reconcile one Agent; returns the status to patch."""
+    meta = agent["metadata"]
+    spec = agent.get("spec") or {}
+    ref = f"{meta['namespace']}/{meta['name']}"
+    generation = meta.get("generation")
+    previous_status = agent.get("status") or {}
+    try:
+        agent_config(ref, spec, "")  # validate before touching anything
+    except AgentSpecError as exc:
+        raise _Invalid(failed_status(previous_status, generation, str(exc))) from None
+    try:
+        previous = await read_config(ref)
+        key_hash, issued = await _ensure_key(agent)
+        config = agent_config(ref, spec, key_hash, previous.version if previous else 0)
+        version = await write_config(config, previous)
+        config = agent_config(ref, spec, key_hash, version)
+        usage = await read_usage(config)
+    except aioredis.RedisError as exc:
+        raise kopf.TemporaryError(f"Redis unavailable: {exc}", delay=2) from None
+    if issued:
+        await kube.emit_event(await _api(), agent, "KeyRotated" if rotated else "KeyIssued",
+                              f"API key delivered in Secret {secret_name(meta['name'], spec)}")  # fmt: skip
+    log.info("agent applied", extra={"action": "apply", "agent": ref, "version": version, "key_issued": issued})
+    return agent_status(config, usage, previous_status, generation, secret_name(meta["name"], spec), rotated and issued)
+
+
+class _Invalid(Exception):
+    def __init__(self, status: dict[str, Any]) -> None:
+        super().__init__(status["conditions"][-1]["message"])
+        self.status = status
+
+
+# -------------------------------------------------------------------- handlers
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def reconcile_agent(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    try:
+        status = await apply_agent(dict(body))
+    except _Invalid as exc:
+        patch.status.update(exc.status)
+        await kube.emit_event(await _api(), dict(body), "InvalidSpec", str(exc), type_="Warning")
+        raise kopf.PermanentError(str(exc)) from None
+    patch.status.update(status)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete_agent(name: str, namespace: str | None, spec: kopf.Spec, **_: Any) -> None:
+    assert namespace is not None, "Agents are namespaced"
+    ref = f"{namespace}/{name}"
+    try:
+        await revoke(ref)
+    except aioredis.RedisError as exc:
+        raise kopf.TemporaryError(f"Redis unavailable: {exc}", delay=1) from None
+    try:
+        await client.CoreV1Api(await _api()).delete_namespaced_secret(
+            secret_name(name, dict(spec)), namespace, _request_timeout=10
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    log.info("agent revoked", extra={"action": "revoke", "agent": ref})
+
+
+@kopf.on.delete("", "v1", "secrets", labels={AGENT_LABEL: kopf.PRESENT}, optional=True)
+async def secret_deleted(name: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    """Deleting an Agent's Secret rotates its key."""
+    agent_name = labels.get(AGENT_LABEL)
+    if namespace is None or not agent_name:
+        return
+    try:
+        agent = await client.CustomObjectsApi(await _api()).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, agent_name, _request_timeout=10
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    if agent["metadata"].get("deletionTimestamp") or secret_name(agent_name, agent.get("spec") or {}) != name:
+        return
+    status = await apply_agent(agent, rotated=True)
+    await kube.patch_status(await _api(), GROUP, VERSION, PLURAL, namespace, agent_name, status)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL_S, initial_delay=STATUS_INTERVAL_S)
+async def agent_usage(
+    name: str, namespace: str | None, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch, **_: Any
+) -> None:
+    """Mirror queue depth, in-flight, spend and rate-limited count into the status."""
+    ref = f"{namespace}/{name}"
+    if status.get("phase") in (None, "Failed", "Pending"):
+        return
+    try:
+        config = await read_config(ref)
+        if config is None:
+            return
+        usage = await read_usage(config)
+    except aioredis.RedisError:
+        return  # the next tick tries again
+    new = agent_status(config, usage, dict(status), status.get("observedGeneration"), str(status.get("secretName", "")))
+    changed = {k: v for k, v in new.items() if k != "conditions" and status.get(k) != v}
+    if changed:
+        patch.status.update(changed)
+        if new["phase"] != status.get("phase"):
+            patch.status["conditions"] = new["conditions"]

@@ -1,0 +1,691 @@
+"""The inference gateway: a raw ASGI app (no framework; see calibration.md).
+
+Per request, in order: authenticate (SHA-256 of the key, constant-time compare)
+-> authorize the Model -> one EVALSHA (``lua/admit.lua``: key still valid, config
+version, GCRA for requests and tokens, concurrency slot or FIFO queue, budget
+reservation of the maximum cost) -> proxy with a timeout, a per-model circuit
+breaker and a retry budget -> one EVALSHA (``lua/settle.lua``: charge the actual
+cost, release, correct the token limiter, XADD the usage event) -> respond.
+
+The usage event is written before the response is sent, exactly once per
+request that reached a model (``settle.lua`` is idempotent per request id).
+Requests refused before the upstream call write none.
+
+Errors (all JSON in the protocol's own shape, see ``protocols.py``):
+400 bad body · 401 missing/unknown/revoked key · 402 budget exhausted ·
+403 Model not allowed · 404 unknown Model/path · 413 body or token count too
+large · 429 rate limited / queue full / queue timeout (Retry-After) ·
+502 upstream failed · 503 circuit open, model not ready, Redis unavailable ·
+504 upstream timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import aiohttp
+import orjson
+
+from openledger.gateway import metrics as m
+from openledger.gateway.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from openledger.gateway.ids import uuid7
+from openledger.gateway.metering import RequestError, RequestShape, actual_usage, estimate, max_cost
+from openledger.gateway.protocols import Route, error_body, match_path, upstream_path
+from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, hash_api_key, period_bounds_s, period_id
+from openledger.gateway.redisproto import RedisClient, RedisError, RedisUnavailable, Script
+from openledger.gateway.retry import RetryBudget, backoff_s
+from openledger.settings import Settings
+from openledger.wire import ModelRoute, PoolBinding, UsageEvent, model_pool_key, model_route_key
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+ADMIT = Script(resources.files("openledger.gateway").joinpath("lua/admit.lua").read_text())
+SETTLE = Script(resources.files("openledger.gateway").joinpath("lua/settle.lua").read_text())
+
+_JSON = (b"content-type", b"application/json")
+_RETRYABLE_STATUS = frozenset({502, 503})
+MAX_ATTEMPTS = 3
+
+
+class Reject(Exception):
+    """Answer the client now with an error in its protocol's shape."""
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after_s: float | None = None, param: str | None = None
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.param = param
+
+
+@dataclass
+class _Cached:
+    value: Any
+    loaded_at: float
+
+
+@dataclass
+class _Upstream:
+    status: int
+    body: bytes
+    content_type: bytes
+    reached: bool  # the model saw the request (an HTTP answer, a timeout, a dropped connection)
+    outcome: str  # ok | upstream_error | timeout
+    upstream_s: float
+
+
+@dataclass
+class GatewayState:
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    retry_budget: RetryBudget = field(default_factory=RetryBudget)
+    upstream_attempts: int = 0
+    client_requests: int = 0
+
+
+class Gateway:
+    """The ASGI application. One per process; ``startup``/``shutdown`` via lifespan."""
+
+    def __init__(self, settings: Settings, redis: RedisClient | None = None) -> None:
+        self.settings = settings
+        self.redis = redis or RedisClient(settings.redis_url)
+        self.stream = settings.gateway_usage_stream
+        self.timeout_s = settings.gateway_upstream_timeout_s
+        self.state = GatewayState(retry_budget=RetryBudget(ratio=settings.gateway_retry_ratio))
+        self.breaker_config = BreakerConfig(settings.gateway_breaker_failures, settings.gateway_breaker_cooldown_s)
+        self.session: aiohttp.ClientSession | None = None
+        self._agents: dict[str, _Cached] = {}
+        self._routes: dict[str, _Cached] = {}
+        self._released: dict[str, asyncio.Event] = {}
+        self._queued: dict[str, int] = {}
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        # The in-flight ttl must outlive any request, so a live request is never reclaimed.
+        self.inflight_ttl_us = int((self.timeout_s * MAX_ATTEMPTS + 3600) * 1e6)
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await self.startup()
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self.shutdown()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def startup(self) -> None:
+        if self.session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.settings.gateway_upstream_connections, keepalive_timeout=30, ttl_dns_cache=300
+            )
+            self.session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            )
+
+    async def shutdown(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        await self.redis.close()
+
+    # --------------------------------------------------------------- request
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        path: str = scope["path"]
+        route = match_path(path)
+        if route is None:
+            await self._small(scope, receive, send, path)
+            return
+        agent_label = model_label = "-"
+        upstream_s = 0.0
+        status = 500
+        try:
+            if scope["method"] != "POST":
+                raise Reject(405, "method_not_allowed", f"{path} accepts POST only")
+            body = await self._read_body(receive)
+            result = await self._serve(route, scope, body)
+            agent_label, model_label = result.agent, result.model
+            status, upstream_s = result.status, result.upstream_s
+            headers = [(b"content-type", result.content_type), *result.headers]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": result.body})
+        except Reject as rej:
+            status = rej.status
+            agent_label = getattr(rej, "agent", agent_label)
+            model_label = getattr(rej, "model", model_label)
+            await self._send_error(send, route.protocol, rej)
+        finally:
+            elapsed = time.perf_counter() - started
+            m.DURATION.observe(elapsed)
+            if upstream_s:
+                m.OVERHEAD.observe(max(0.0, elapsed - upstream_s))
+            self._count(model_label, agent_label, status)
+
+    def _count(self, model: str, agent: str, status: int) -> None:
+        key = (model, agent, status)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = m.REQUESTS.labels(model, agent, str(status))
+        child.inc()
+
+    async def _send_error(self, send: Send, protocol: str, rej: Reject) -> None:
+        headers = [_JSON]
+        if rej.retry_after_s is not None:
+            headers.append((b"retry-after", str(max(1, math.ceil(rej.retry_after_s))).encode()))
+        await send({"type": "http.response.start", "status": rej.status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": error_body(protocol, rej.status, rej.code, rej.message, rej.param)}
+        )
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        limit = self.settings.gateway_max_body_bytes
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Reject(499, "client_closed", "client closed the connection")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise Reject(413, "body_too_large", f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _small(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """Health and the OpenAI model list; everything else is 404."""
+        if path in ("/healthz", "/readyz"):
+            await send({"type": "http.response.start", "status": 200, "headers": [_JSON]})
+            await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
+            return
+        if path in ("/v1/models", "/openai/v1/models") and scope["method"] == "GET":
+            try:
+                agent = await self._authenticate(scope)
+                data = [
+                    {"id": name, "object": "model", "created": 0, "owned_by": agent.namespace} for name in agent.models
+                ]
+                await send({"type": "http.response.start", "status": 200, "headers": [_JSON]})
+                await send({"type": "http.response.body", "body": orjson.dumps({"object": "list", "data": data})})
+            except Reject as rej:
+                await self._send_error(send, "openai", rej)
+            return
+        protocol = "openai" if "/openai/" in path or path.startswith("/v1/c") else "v1"
+        await self._send_error(send, protocol, Reject(404, "not_found", f"no such endpoint: {path}"))
+
+    # ---------------------------------------------------------- the hot path
+
+    async def _serve(self, route: Route, scope: Scope, raw: bytes) -> _Result:
+        agent = await self._authenticate(scope)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise Reject(400, "invalid_json", "body: not valid JSON") from None
+        name = route.model if route.model is not None else (body.get("model") if isinstance(body, dict) else None)
+        if not isinstance(name, str) or not name:
+            raise Reject(400, "missing_model", "model: required", param="model")
+        model_ref = f"{agent.namespace}/{name}"
+        if name not in agent.models:
+            raise _tag(
+                Reject(403, "model_not_allowed", f"agent may not call model {name!r}", param="model"), agent, model_ref
+            )
+        model_route, pool = await self._route(model_ref)
+        if model_route is None:
+            raise _tag(
+                Reject(404, "model_not_found", f"model {name!r} does not exist", param="model"), agent, model_ref
+            )
+        if not model_route.url:
+            raise _tag(Reject(503, "model_not_ready", f"model {name!r} is not ready", 5), agent, model_ref)
+        if model_route.protocol != route.protocol:
+            msg = f"model {name!r} speaks protocol {model_route.protocol!r}, not {route.protocol!r}"
+            raise _tag(Reject(400, "protocol_mismatch", msg), agent, model_ref)
+        if route.protocol == "openai" and isinstance(body, dict) and body.get("stream"):
+            raise _tag(
+                Reject(400, "stream_unsupported", "stream: not supported by this gateway", param="stream"),
+                agent,
+                model_ref,
+            )
+        try:
+            shape = estimate(route.protocol, route.kind, body, self.settings.gateway_default_max_tokens)
+        except RequestError as exc:
+            raise _tag(
+                Reject(400, "invalid_request", str(exc), param=str(exc).split(":")[0]), agent, model_ref
+            ) from None
+
+        breaker = self._breaker(model_ref)
+        now_s = time.monotonic()
+        if not breaker.allow(now_s):
+            m.CIRCUIT_STATE.labels(model_ref).set(int(breaker.state))
+            msg = f"model {name!r} is failing; circuit open"
+            raise _tag(Reject(503, "circuit_open", msg, breaker.retry_after_s(now_s)), agent, model_ref)
+        probe = breaker.state is BreakerState.HALF_OPEN
+        try:
+            return await self._admitted(route, agent, model_ref, model_route, pool, shape, raw, breaker)
+        finally:
+            if probe:
+                breaker.release_probe()
+            m.CIRCUIT_STATE.labels(model_ref).set(int(breaker.state))
+
+    async def _admitted(
+        self,
+        route: Route,
+        agent: AgentConfig,
+        model_ref: str,
+        model_route: ModelRoute,
+        pool: PoolBinding | None,
+        shape: RequestShape,
+        raw: bytes,
+        breaker: CircuitBreaker,
+    ) -> _Result:
+        request_id = uuid7()
+        started_ms = time.time_ns() // 1_000_000
+        reserve = agent.cost_quanta(max_cost(model_route.price, shape))
+        remaining = await self._admit(agent, model_ref, request_id, shape, reserve)
+        keys = AgentKeys(agent.ref)
+        settled = False
+        upstream: _Upstream | None = None
+        try:
+            upstream = await self._call(route, model_ref, model_route, raw, breaker)
+            tokens_in = tokens_out = 0
+            cost = 0
+            if upstream.outcome == "ok":
+                response = _json_or_none(upstream.body)
+                tokens_in, tokens_out = actual_usage(shape, response)
+                cost = model_route.price.cost(tokens_in, tokens_out)
+            event = UsageEvent(
+                event_id=request_id,
+                agent=agent.ref,
+                payer=agent.account,
+                model=model_ref,
+                owner=model_route.owner,
+                price=model_route.price,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                cost=cost,
+                outcome=upstream.outcome,
+                started_at_ms=started_ms,
+                finished_at_ms=time.time_ns() // 1_000_000,
+                contributors=model_route.contributors,
+                pool=pool.pool if pool else "",
+                fee_bps=pool.fee_bps if pool else 0,
+            )
+            delta = (tokens_in + tokens_out) - shape.estimated_tokens
+            await self._settle(
+                agent, keys, request_id, agent.cost_quanta(cost), delta, event if upstream.reached else None
+            )
+            settled = True
+        finally:
+            if not settled:
+                # Cancelled or failed before settling: release (and record the event if the model was reached).
+                await asyncio.shield(self._release_after_failure(agent, keys, request_id, upstream, shape, started_ms))
+        if not upstream.reached:
+            raise _tag(
+                Reject(502, "upstream_unavailable", f"model {model_ref.split('/')[1]!r} is unreachable", 1),
+                agent,
+                model_ref,
+            )
+        if upstream.outcome == "timeout":
+            raise _tag(
+                Reject(504, "upstream_timeout", f"model did not answer within {self.timeout_s:g} s"), agent, model_ref
+            )
+        headers = [(b"x-openledger-event-id", request_id.encode())]
+        if remaining is not None:
+            headers.append((b"x-openledger-budget-remaining", str(remaining * agent.budget_quantum).encode()))
+        return _Result(
+            upstream.status, upstream.body, upstream.content_type, headers, agent.ref, model_ref, upstream.upstream_s
+        )
+
+    async def _release_after_failure(
+        self,
+        agent: AgentConfig,
+        keys: AgentKeys,
+        request_id: str,
+        upstream: _Upstream | None,
+        shape: RequestShape,
+        started_ms: int,
+    ) -> None:
+        try:
+            await self._settle(agent, keys, request_id, 0, -shape.estimated_tokens, None)
+        except (RedisUnavailable, RedisError):
+            log.warning(
+                "release failed; the reservation expires with its ttl",
+                extra={"action": "release", "request": request_id},
+            )
+
+    # ------------------------------------------------------------------ auth
+
+    async def _authenticate(self, scope: Scope) -> AgentConfig:
+        key = _api_key(scope)
+        if key is None:
+            raise Reject(401, "missing_api_key", "missing API key: send 'Authorization: Bearer <key>'")
+        key_hash = hash_api_key(key)
+        cached = self._agents.get(key_hash)
+        if cached is not None and time.monotonic() - cached.loaded_at < self.settings.gateway_agent_cache_s:
+            return cached.value  # type: ignore[no-any-return]
+        return await self._load_agent(key_hash)
+
+    async def _load_agent(self, key_hash: str) -> AgentConfig:
+        try:
+            ref = await self.redis.execute("GET", apikey_key(key_hash))
+            if ref is None:
+                self._agents.pop(key_hash, None)
+                raise Reject(401, "invalid_api_key", "invalid or revoked API key")
+            raw = await self.redis.execute("HGETALL", AgentKeys(ref.decode()).config)
+        except RedisUnavailable:
+            raise Reject(503, "redis_unavailable", "limits store unavailable", 1) from None
+        fields = dict(zip(raw[::2], raw[1::2], strict=True)) if raw else {}
+        if not fields:
+            raise Reject(401, "invalid_api_key", "invalid or revoked API key")
+        agent = AgentConfig.from_fields(fields)
+        if not hmac.compare_digest(agent.key_hash.encode(), key_hash.encode()):
+            raise Reject(401, "invalid_api_key", "invalid or revoked API key")
+        self._agents[key_hash] = _Cached(agent, time.monotonic())
+        return agent
+
+    # ----------------------------------------------------------------- routes
+
+    async def _route(self, model_ref: str) -> tuple[ModelRoute | None, PoolBinding | None]:
+        cached = self._routes.get(model_ref)
+        if cached is not None and time.monotonic() - cached.loaded_at < self.settings.gateway_route_cache_s:
+            return cached.value  # type: ignore[no-any-return]
+        ns, name = model_ref.split("/", 1)
+        try:
+            raw_route, raw_pool = await asyncio.gather(
+                self.redis.execute("GET", model_route_key(ns, name)),
+                self.redis.execute("GET", model_pool_key(ns, name)),
+            )
+        except RedisUnavailable:
+            if cached is not None:
+                return cached.value  # type: ignore[no-any-return]
+            raise Reject(503, "redis_unavailable", "routing store unavailable", 1) from None
+        value = (
+            ModelRoute.from_json(raw_route) if raw_route else None,
+            PoolBinding.from_json(raw_pool) if raw_pool else None,
+        )
+        self._routes[model_ref] = _Cached(value, time.monotonic())
+        return value
+
+    def _breaker(self, model_ref: str) -> CircuitBreaker:
+        breaker = self.state.breakers.get(model_ref)
+        if breaker is None:
+            breaker = self.state.breakers[model_ref] = CircuitBreaker(self.breaker_config)
+        return breaker
+
+    # -------------------------------------------------------------- admission
+
+    async def _admit(
+        self, agent: AgentConfig, model_ref: str, request_id: str, shape: RequestShape, reserve: int
+    ) -> int | None:
+        """Run admit.lua until admitted (queueing if saturated); returns budget quanta left (None: no budget)."""
+        queue_entry = ""
+        queued_at = 0.0
+        deadline = 0.0
+        for _ in range(3):  # a stale config is reloaded at most twice
+            try:
+                while True:
+                    reply = await self._admit_once(agent, request_id, shape, reserve, queue_entry, deadline)
+                    code = reply[0]
+                    if code == 1:
+                        if queue_entry:
+                            m.QUEUE_WAIT.observe(time.monotonic() - queued_at)
+                            self._queue_gauge(agent.ref, -1)
+                        remaining = int(reply[1]) if reply[1] not in (b"", "") else None
+                        if remaining is not None:
+                            m.BUDGET_REMAINING.labels(agent.ref).set(remaining * agent.budget_quantum)
+                        return remaining
+                    if code == -6:
+                        queue_entry = reply[1].decode()
+                        queued_at = time.monotonic()
+                        deadline = queued_at + agent.queue_max_wait_ms / 1000
+                        self._queue_gauge(agent.ref, +1)
+                    if code in (-6, -8):
+                        if time.monotonic() >= deadline:
+                            await self._leave_queue(agent, queue_entry)
+                            self._reject_metric(agent, "queue_timeout")
+                            msg = f"queued {agent.queue_max_wait_ms / 1000:g} s without a free slot"
+                            raise _tag(Reject(429, "queue_timeout", msg, 1), agent, model_ref)
+                        await self._wait_release(agent.ref, min(0.05, max(0.0, deadline - time.monotonic())))
+                        continue
+                    if queue_entry:
+                        self._queue_gauge(agent.ref, -1)
+                        queue_entry = ""
+                    if code == -2:
+                        agent = await self._load_agent(agent.key_hash)
+                        break
+                    raise _tag(self._admit_reject(agent, reply), agent, model_ref)
+            except RedisUnavailable:
+                if queue_entry:
+                    self._queue_gauge(agent.ref, -1)
+                raise _tag(Reject(503, "redis_unavailable", "limits store unavailable", 1), agent, model_ref) from None
+        raise _tag(Reject(503, "config_changing", "agent configuration is changing; retry", 1), agent, model_ref)
+
+    async def _admit_once(
+        self, agent: AgentConfig, request_id: str, shape: RequestShape, reserve: int, entry: str, deadline: float
+    ) -> list[Any]:
+        keys = AgentKeys(agent.ref)
+        now_s = time.time()
+        period = period_id(agent.budget_period, now_s)
+        budget = agent.budget_quanta
+        deadline_us = int((now_s + agent.queue_max_wait_ms / 1000) * 1e6)
+        result: list[Any] = await self.redis.evalsha(
+            ADMIT,
+            [apikey_key(agent.key_hash), keys.config, keys.inflight, keys.reserved, keys.spent(period),
+             keys.rate_requests, keys.rate_tokens, keys.queue, keys.stats],
+            [agent.ref, str(agent.version), request_id, "", repr(float(agent.requests_per_second)), str(agent.burst),
+             repr(agent.tokens_per_minute / 60), str(agent.tokens_per_minute), str(shape.estimated_tokens),
+             str(agent.max_concurrency), str(self.inflight_ttl_us), str(reserve), "" if budget is None else str(budget),
+             "1" if agent.budget_enforcement == "Hard" else "0", str(self._spent_ttl_s(agent, now_s)),
+             str(agent.queue_max_depth), entry, str(deadline_us)],
+        )  # fmt: skip
+        return result
+
+    def _admit_reject(self, agent: AgentConfig, reply: list[Any]) -> Reject:
+        code = reply[0]
+        if code == -1:
+            self._agents.pop(agent.key_hash, None)
+            return Reject(401, "invalid_api_key", "invalid or revoked API key")
+        if code == -3:
+            which = "rate_requests" if reply[2] == 1 else "rate_tokens"
+            self._reject_metric(agent, which)
+            what = "requests per second" if reply[2] == 1 else "tokens per minute"
+            return Reject(429, "rate_limited", f"rate limit exceeded ({what})", reply[1] / 1e6)
+        if code == -4:
+            self._reject_metric(agent, "too_large")
+            return Reject(
+                413, "too_many_tokens", f"request needs more tokens than tokensPerMinute ({agent.tokens_per_minute})"
+            )
+        if code == -5:
+            self._reject_metric(agent, "budget")
+            _, end = period_bounds_s(agent.budget_period, time.time())
+            return Reject(
+                402,
+                "budget_exhausted",
+                f"budget for this {agent.budget_period.lower()} is exhausted",
+                end - time.time(),
+            )
+        if code == -7:
+            self._reject_metric(agent, "queue_full")
+            return Reject(429, "queue_full", f"queue is full ({agent.queue_max_depth} waiting)", 1)
+        return Reject(500, "internal", f"unexpected admission reply {code}")
+
+    def _reject_metric(self, agent: AgentConfig, reason: str) -> None:
+        m.LIMITER_REJECTIONS.labels(agent.ref, reason).inc()
+
+    def _queue_gauge(self, ref: str, delta: int) -> None:
+        self._queued[ref] = self._queued.get(ref, 0) + delta
+        m.QUEUE_DEPTH.labels(ref).set(self._queued[ref])
+
+    async def _leave_queue(self, agent: AgentConfig, entry: str) -> None:
+        self._queue_gauge(agent.ref, -1)
+        # An entry left behind is dropped by the next admission once its deadline passes.
+        with contextlib.suppress(RedisUnavailable, RedisError):
+            await self.redis.execute("XDEL", AgentKeys(agent.ref).queue, entry)
+
+    async def _wait_release(self, ref: str, timeout_s: float) -> None:
+        event = self._released.get(ref)
+        if event is None:
+            event = self._released[ref] = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+
+    def _spent_ttl_s(self, agent: AgentConfig, now_s: float) -> int:
+        _, end = period_bounds_s(agent.budget_period, now_s)
+        return int(end - now_s) + 86400  # kept a day after the period for status
+
+    async def _settle(
+        self,
+        agent: AgentConfig,
+        keys: AgentKeys,
+        request_id: str,
+        cost_quanta: int,
+        token_delta: int,
+        event: UsageEvent | None,
+    ) -> None:
+        now_s = time.time()
+        args: list[str | bytes | int | float] = [
+            request_id, str(cost_quanta), str(self._spent_ttl_s(agent, now_s)), str(token_delta),
+            repr(agent.tokens_per_minute / 60), "1" if event is not None else "0",
+        ]  # fmt: skip
+        if event is not None:
+            for k, v in event.to_fields().items():
+                args.append(k)
+                args.append(v)
+        skeys = [
+            keys.inflight,
+            keys.reserved,
+            keys.spent(period_id(agent.budget_period, now_s)),
+            keys.rate_tokens,
+            self.stream,
+        ]
+        for attempt in range(4):  # idempotent per request id, so a lost reply is safe to repeat
+            try:
+                await self.redis.evalsha(SETTLE, skeys, args)
+                break
+            except RedisUnavailable:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        if event is not None:
+            m.USAGE_EVENTS.labels(event.outcome).inc()
+        released = self._released.pop(agent.ref, None)
+        if released is not None:
+            released.set()
+
+    # --------------------------------------------------------------- upstream
+
+    async def _call(
+        self, route: Route, model_ref: str, model_route: ModelRoute, raw: bytes, breaker: CircuitBreaker
+    ) -> _Upstream:
+        assert self.session is not None, "gateway not started"
+        url = model_route.url.rstrip("/") + upstream_path(route, model_ref.split("/", 1)[1])
+        self.state.client_requests += 1
+        self.state.retry_budget.deposit()
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            self.state.upstream_attempts += 1
+            t0 = time.perf_counter()
+            result = await self._attempt(url, raw, max(0.001, deadline - time.monotonic()))
+            result.upstream_s = time.perf_counter() - t0
+            failed = not result.reached or result.outcome == "timeout" or result.status >= 500
+            m.UPSTREAM_ATTEMPTS.labels(model_ref, _attempt_result(result)).inc()
+            if not failed:
+                breaker.record_success()
+                return result
+            breaker.record_failure(time.monotonic())
+            retryable = not result.reached or result.status in _RETRYABLE_STATUS
+            attempt += 1
+            if not (retryable and attempt < MAX_ATTEMPTS and breaker.state is BreakerState.CLOSED):
+                return result
+            if not self.state.retry_budget.try_withdraw():
+                return result
+            pause = backoff_s(attempt - 1)
+            if time.monotonic() + pause >= deadline:
+                return result
+            await asyncio.sleep(pause)
+
+    async def _attempt(self, url: str, raw: bytes, timeout_s: float) -> _Upstream:
+        assert self.session is not None
+        try:
+            async with self.session.post(
+                url,
+                data=raw,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
+                body = await resp.read()
+                ctype = resp.headers.get("Content-Type", "application/json").encode()
+                outcome = "ok" if resp.status < 400 else "upstream_error"
+                return _Upstream(resp.status, body, ctype, True, outcome, 0.0)
+        except aiohttp.ClientConnectorError:
+            return _Upstream(502, b"", b"application/json", False, "upstream_error", 0.0)
+        except TimeoutError:
+            return _Upstream(504, b"", b"application/json", True, "timeout", 0.0)
+        except aiohttp.ClientError:
+            return _Upstream(502, b"", b"application/json", True, "upstream_error", 0.0)
+
+
+@dataclass
+class _Result:
+    status: int
+    body: bytes
+    content_type: bytes
+    headers: list[tuple[bytes, bytes]]
+    agent: str
+    model: str
+    upstream_s: float
+
+
+def _attempt_result(result: _Upstream) -> str:
+    if not result.reached:
+        return "refused"
+    if result.outcome == "timeout":
+        return "timeout"
+    return "error" if result.status >= 500 else "ok"
+
+
+def _tag(rej: Reject, agent: AgentConfig, model_ref: str) -> Reject:
+    rej.agent = agent.ref  # type: ignore[attr-defined]
+    rej.model = model_ref  # type: ignore[attr-defined]
+    return rej
+
+
+def _api_key(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            text = value.decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip() or None
+            return None
+        if name == b"x-api-key":
+            return value.decode("latin-1").strip() or None
+    return None
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None

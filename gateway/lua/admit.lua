@@ -1,0 +1,130 @@
+-- Admission: auth check, config version, GCRA (requests and tokens), concurrency
+-- slot, FIFO queue and budget reservation, all-or-nothing in one call.
+-- The pure reference of the limiter math is openledger/gateway/gcra.py.
+--
+-- KEYS: 1 apikey  2 agent config  3 inflight zset  4 reserved hash  5 spent
+--       6 rl:req  7 rl:tok  8 queue stream  9 stats
+-- ARGV: 1 agent ref  2 config version  3 request id  4 now µs ("" = Redis TIME)
+--       5 requests/s  6 burst  7 tokens/s  8 token burst  9 token cost
+--       10 max concurrency (0 = none)  11 in-flight ttl µs  12 reserve (budget quanta)
+--       13 budget quanta ("" = none)  14 hard (1/0)  15 spent ttl s
+--       16 queue max depth  17 queue entry id ("" = first attempt)  18 queue deadline µs
+-- Returns {code, a, b}:
+--   1 admitted {1, budget remaining ("" none), now}
+--  -1 unknown or revoked key      -2 stale config version
+--  -3 rate limited {-3, retry after µs, 1 requests | 2 tokens}
+--  -4 token cost above the token burst (can never pass)
+--  -5 budget exhausted {-5, remaining}
+--  -6 queued {-6, entry id}       -7 queue full
+--  -8 still waiting (queued, no slot for this entry yet)
+
+local function fmt(x) return string.format('%.0f', x) end
+
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
+local version = redis.call('HGET', KEYS[2], 'version')
+if version ~= ARGV[2] then return {-2} end
+
+local now
+if ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local entry = ARGV[17]
+
+-- Reclaim slots and reservations of requests whose gateway died (ttl passed).
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 32)
+for _, id in ipairs(expired) do
+  local amount = redis.call('HGET', KEYS[4], id)
+  if amount then
+    redis.call('HDEL', KEYS[4], id)
+    redis.call('HINCRBY', KEYS[4], '_total', -tonumber(amount))
+  end
+  redis.call('ZREM', KEYS[3], id)
+end
+
+-- GCRA for requests and tokens (see gcra.py): decide both before writing either.
+local function gcra(key, rate, burst, cost)
+  if rate <= 0 or cost <= 0 then return true, nil, 0 end
+  if cost > burst then return false, nil, -1 end
+  local interval = 1000000 / rate
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local new_tat = math.ceil(tat + interval * cost)
+  local allow_at = new_tat - interval * burst
+  if now < allow_at then return false, nil, math.ceil(allow_at - now) end
+  return true, new_tat, 0
+end
+
+local function leave_queue()
+  if entry ~= '' then redis.call('XDEL', KEYS[8], entry) end
+end
+
+local ok_r, tat_r, wait_r = gcra(KEYS[6], tonumber(ARGV[5]), tonumber(ARGV[6]), 1)
+local ok_t, tat_t, wait_t = gcra(KEYS[7], tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
+if not ok_t and wait_t == -1 then leave_queue() return {-4} end
+if not (ok_r and ok_t) then
+  leave_queue()
+  redis.call('HINCRBY', KEYS[9], 'rate_limited', 1)
+  if not ok_r then return {-3, wait_r, 1} end
+  return {-3, wait_t, 2}
+end
+
+-- Concurrency with a FIFO of waiters; expired waiters at the head are dropped.
+local max_conc = tonumber(ARGV[10])
+if max_conc > 0 then
+  local head = redis.call('XRANGE', KEYS[8], '-', '+', 'COUNT', 32)
+  local waiting = {}
+  for _, e in ipairs(head) do
+    local deadline = tonumber(e[2][2])
+    if deadline < now and e[1] ~= entry then
+      redis.call('XDEL', KEYS[8], e[1])
+    else
+      table.insert(waiting, e[1])
+    end
+  end
+  local free = max_conc - redis.call('ZCARD', KEYS[3])
+  local depth = redis.call('XLEN', KEYS[8])
+  local admitted = false
+  if entry == '' then
+    admitted = free > depth
+  else
+    for rank, id in ipairs(waiting) do
+      if id == entry then admitted = rank <= free break end
+    end
+  end
+  if not admitted then
+    if entry ~= '' then return {-8} end
+    if depth >= tonumber(ARGV[16]) then
+      redis.call('HINCRBY', KEYS[9], 'queue_full', 1)
+      return {-7}
+    end
+    local id = redis.call('XADD', KEYS[8], '*', 'd', ARGV[18], 'r', ARGV[3])
+    return {-6, id}
+  end
+end
+
+-- Budget: spent this period + reservations in flight + this reservation.
+local remaining = ''
+local reserve = tonumber(ARGV[12])
+if ARGV[13] ~= '' then
+  local spent = tonumber(redis.call('GET', KEYS[5]) or '0')
+  local reserved = tonumber(redis.call('HGET', KEYS[4], '_total') or '0')
+  local left = tonumber(ARGV[13]) - spent - reserved
+  if ARGV[14] == '1' and reserve > left then
+    leave_queue()
+    redis.call('HINCRBY', KEYS[9], 'budget_rejected', 1)
+    return {-5, fmt(left)}
+  end
+  remaining = fmt(left - reserve)
+end
+
+-- Commit.
+leave_queue()
+if tat_r then redis.call('SET', KEYS[6], fmt(tat_r), 'PX', math.ceil((tat_r - now) / 1000) + 1000) end
+if tat_t then redis.call('SET', KEYS[7], fmt(tat_t), 'PX', math.ceil((tat_t - now) / 1000) + 1000) end
+redis.call('ZADD', KEYS[3], fmt(now + tonumber(ARGV[11])), ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[3], fmt(reserve))
+redis.call('HINCRBY', KEYS[4], '_total', fmt(reserve))
+return {1, remaining, fmt(now)}

@@ -1,0 +1,191 @@
+"""CLI: ``openledger db …``, ``openledger ledger …`` and ``openledger ledger-worker``."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+
+import click
+
+from openledger.money import to_decimal_string
+
+
+def _url(database_url: str | None) -> str:
+    from openledger.settings import get_settings
+
+    return database_url or get_settings().database_url
+
+
+_db_option = click.option("--database-url", envvar=None, default=None, help="Default: DATABASE_URL / settings.")
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database schema (Alembic migrations of the ledger and settlement)."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="heads", show_default=True)
+@_db_option
+def db_upgrade(revision: str, database_url: str | None) -> None:
+    """Apply migrations (idempotent; safe while other processes run it)."""
+    from openledger.settlement.ledger import db
+
+    url = _url(database_url)
+    db.upgrade(url, revision)
+    click.echo(f"database at revision {db.current_revision(url)}")
+
+
+@db_group.command("current")
+@_db_option
+def db_current(database_url: str | None) -> None:
+    """Show the applied revision."""
+    from openledger.settlement.ledger import db
+
+    click.echo(db.current_revision(_url(database_url)) or "(no migrations applied)")
+
+
+@click.group("ledger")
+def ledger_group() -> None:
+    """The double-entry ledger: balances, traces, verification."""
+
+
+def _fmt(amount: int, decimals: int) -> str:
+    return f"{amount} ({to_decimal_string(amount, decimals)})"
+
+
+@ledger_group.command("balance")
+@click.argument("account")
+@click.option("--decimals", default=18, show_default=True, help="For the decimal column.")
+@_db_option
+def ledger_balance(account: str, decimals: int, database_url: str | None) -> None:
+    """Cached balance of ACCOUNT (`kind:ref`, or an address / pool name for all its accounts)."""
+    from openledger.settlement.ledger import db, queries
+
+    with db.connect(_url(database_url)) as conn:
+        accounts = queries.resolve_accounts(conn, account)
+        if not accounts:
+            click.echo(f"no account matches {account!r}", err=True)
+            sys.exit(1)
+        for key in accounts:
+            click.echo(f"{key}\t{_fmt(queries.balance(conn, key), decimals)}")
+
+
+@ledger_group.command("trace")
+@click.argument("account")
+@click.option("--limit", default=50, show_default=True, help="Most recent entries to show.")
+@click.option("--events", "show_events", is_flag=True, help="Also list each entry's events and their amounts.")
+@click.option("--decimals", default=18, show_default=True)
+@_db_option
+def ledger_trace(account: str, limit: int, show_events: bool, decimals: int, database_url: str | None) -> None:
+    """The entries behind ACCOUNT's balance, with the running balance."""
+    from openledger.settlement.ledger import db, queries
+
+    with db.connect(_url(database_url)) as conn:
+        accounts = queries.resolve_accounts(conn, account)
+        if not accounts:
+            click.echo(f"no account matches {account!r}", err=True)
+            sys.exit(1)
+        for key in accounts:
+            click.echo(f"# {key}: cached balance {_fmt(queries.balance(conn, key), decimals)}")
+            click.echo("entry\tkind\tpool\tevents\tamount\trunning_balance\tcreated_at\tmemo")
+            for line in queries.trace(conn, key, limit):
+                click.echo(
+                    f"{line.entry_id}\t{line.kind}\t{line.pool or '-'}\t{line.event_count}\t{line.amount}\t"
+                    f"{line.running_balance}\t{line.created_at.isoformat()}\t{line.memo}"
+                )
+                if show_events and line.kind == "usage":
+                    for ev in queries.entry_events(conn, line.entry_id, key):
+                        click.echo(
+                            f"  event {ev.event_id} stream {ev.stream_id} {ev.agent} {ev.model} "
+                            f"cost {ev.cost} -> {ev.amount}"
+                        )
+
+
+@ledger_group.command("spend")
+@click.argument("agent")
+@click.option("--period", type=click.Choice(["Hour", "Day", "Month"]), default="Day", show_default=True)
+@_db_option
+def ledger_spend(agent: str, period: str, database_url: str | None) -> None:
+    """What AGENT (namespace/name) spent in the current period."""
+    from openledger.settlement.ledger import db, queries
+
+    with db.connect(_url(database_url)) as conn:
+        click.echo(queries.spend_this_period(conn, agent, period))
+
+
+@ledger_group.command("reverse")
+@click.argument("event_id")
+@click.option("--memo", required=True, help="Why (kept on the reversing entry).")
+@_db_option
+def ledger_reverse(event_id: str, memo: str, database_url: str | None) -> None:
+    """Correct a posted event with a reversing entry (the original stays)."""
+    from openledger.settlement.ledger import db, queries
+    from openledger.settlement.ledger.errors import LedgerError
+
+    with db.connect(_url(database_url)) as conn:
+        try:
+            entry = queries.reverse_event(conn, event_id, memo)
+        except LedgerError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(1)
+        conn.commit()
+    click.echo(f"reversed by entry {entry}")
+
+
+@ledger_group.command("verify")
+@click.option("--quick", is_flag=True, help="SQL checks only (no split recomputation, no stream).")
+@click.option("--no-stream", is_flag=True, help="Skip reconciling with the Redis stream.")
+@_db_option
+def ledger_verify(quick: bool, no_stream: bool, database_url: str | None) -> None:
+    """Check the ledger; exit 1 and say where on any drift."""
+    from openledger.settings import get_settings
+    from openledger.settlement.ledger import db
+    from openledger.settlement.ledger.verify import verify
+
+    s = get_settings()
+    with db.connect(_url(database_url)) as conn:
+        report = verify(
+            conn,
+            full=not quick,
+            redis_url=None if (quick or no_stream) else s.redis_url,
+            stream=s.usage_stream,
+            group=s.usage_consumer_group,
+            dead_letter_stream=s.usage_dead_letter_stream,
+        )
+    for key, value in sorted(report.stats.items()):
+        click.echo(f"{key}: {value}")
+    for drift in report.drifts:
+        click.echo(str(drift))
+    click.echo("OK: no drift" if report.ok else f"FAILED: {len(report.drifts)} drift(s)")
+    sys.exit(0 if report.ok else 1)
+
+
+@click.command("ledger-worker")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--consumer", default=None, help="Consumer name (default host-pid-random).")
+@click.option("--metrics-port", type=int, default=None, help="0 disables the metrics server.")
+@click.option("--no-upgrade", is_flag=True, help="Do not run `db upgrade` first.")
+def ledger_worker(batch_size: int | None, consumer: str | None, metrics_port: int | None, no_upgrade: bool) -> None:
+    """Consume the usage stream into the ledger (run several for more throughput)."""
+    from openledger.metrics import start_metrics_server
+    from openledger.settings import get_settings
+    from openledger.settlement.ledger import db
+    from openledger.settlement.ledger.worker import LedgerWorker, WorkerConfig
+
+    settings = get_settings()
+    if settings.ledger_upgrade_on_start and not no_upgrade:
+        db.upgrade(settings.database_url)
+    port = settings.ledger_metrics_port if metrics_port is None else metrics_port
+    if port:
+        start_metrics_server(port, settings.bind_host)
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    LedgerWorker(WorkerConfig.from_settings(batch_size=batch_size, consumer=consumer)).run(stop)

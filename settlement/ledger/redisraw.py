@@ -1,0 +1,93 @@
+"""A small synchronous Redis client on ``hiredis``: raw replies, no per-entry dicts.
+
+The worker reads tens of thousands of stream entries per second; redis-py's
+response callbacks turn every entry into dicts and strings first, which costs
+more CPU than the rest of the ingest path (see calibration.md). This client
+sends RESP and hands back hiredis' nested lists of ``bytes`` as they are.
+Every call has a timeout; error replies raise ``RedisReplyError``.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import hiredis
+
+Arg = bytes | str | int
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error (``-ERR …``)."""
+
+
+def _encode(args: Sequence[Arg]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class RawRedis:
+    """One connection. Not thread-safe: give each thread its own."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("redis", ""):
+            raise ValueError(f"redis url: scheme {parsed.scheme!r} is not supported (use redis://)")
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or 6379
+        self.db = int(parsed.path.lstrip("/") or 0)
+        self.username = unquote(parsed.username) if parsed.username else None
+        self.password = unquote(parsed.password) if parsed.password else None
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._reader = hiredis.Reader()
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self._reader = hiredis.Reader()
+        if self.password is not None:
+            self.execute(*(["AUTH", self.username, self.password] if self.username else ["AUTH", self.password]))
+        if self.db:
+            self.execute("SELECT", self.db)
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def execute(self, *args: Arg, timeout_s: float | None = None) -> Any:
+        return self.pipeline([args], timeout_s=timeout_s)[0]
+
+    def pipeline(self, commands: Sequence[Sequence[Arg]], timeout_s: float | None = None) -> list[Any]:
+        """Send all commands, then read one reply per command. Raises on the first error reply."""
+        sock = self._sock or self._connect()
+        try:
+            sock.settimeout(timeout_s if timeout_s is not None else self.timeout_s)
+            sock.sendall(b"".join(_encode(c) for c in commands))
+            replies: list[Any] = []
+            while len(replies) < len(commands):
+                reply = self._reader.gets()
+                if reply is False:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        raise ConnectionError(f"redis {self.host}:{self.port} closed the connection")
+                    self._reader.feed(chunk)
+                    continue
+                replies.append(reply)
+        except (OSError, ConnectionError):
+            self.close()
+            raise
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise RedisReplyError(str(reply))
+        return replies

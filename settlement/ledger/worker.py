@@ -1,0 +1,454 @@
+"""The ledger ingest worker: usage stream → PostgreSQL, exactly once.
+
+Two threads per process. The reader (the caller's thread) reads entries with
+``XREADGROUP`` on raw hiredis replies, parses and checks them, drops in-batch
+duplicates and hands a ``Batch`` to the writer through a bounded queue (2
+batches). The writer thread writes each batch in one transaction
+(``writer.BatchWriter``) and ``XACK``s its entries only after ``COMMIT``.
+
+May run more than once, and in many processes at once: every step is safe to
+repeat. A crash before COMMIT leaves the entries pending; another consumer
+(or this one after a restart) reclaims them with ``XAUTOCLAIM`` once they have
+been idle for ``claim_idle_ms`` and writes them again. A crash between COMMIT
+and XACK redelivers entries whose events are already stored: they are
+duplicates, a no-op. Scale out by starting more workers on the same group.
+
+A message that cannot be parsed (or whose row the database rejects) is left
+pending; when it fails on its ``max_deliveries``-th delivery it is moved to the
+dead-letter stream (``XADD`` + ``XACK`` in one ``MULTI``) with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from openledger.settlement.ledger import metrics as m
+from openledger.settlement.ledger.errors import InvariantViolation, PoisonEvent
+from openledger.settlement.ledger.ingest import (
+    Conflict,
+    EventRecord,
+    Parser,
+    assemble,
+    decode_fields,
+    explain_rejection,
+)
+from openledger.settlement.ledger.models import JOURNAL_ID_BLOCK
+from openledger.settlement.ledger.redisraw import RawRedis, RedisReplyError
+from openledger.settlement.ledger.writer import BatchWriter, WriteResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    database_url: str
+    redis_url: str
+    stream: str
+    group: str
+    dead_letter_stream: str
+    consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    batch_size: int = 5000
+    block_ms: int = 200
+    claim_idle_ms: int = 30_000
+    claim_interval_s: float = 1.0
+    max_deliveries: int = 5
+    verify_interval_s: float = 0.0
+    stop_timeout_s: float = 30.0  # how long a stopping worker keeps retrying its last batch
+    retry_max_s: float = 5.0  # backoff cap for temporary errors
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> WorkerConfig:
+        from openledger.settings import get_settings
+
+        s = get_settings()
+        values: dict[str, Any] = dict(
+            database_url=s.database_url,
+            redis_url=s.redis_url,
+            stream=s.usage_stream,
+            group=s.usage_consumer_group,
+            dead_letter_stream=s.usage_dead_letter_stream,
+            batch_size=s.ledger_batch_size,
+            block_ms=s.ledger_block_ms,
+            claim_idle_ms=s.ledger_claim_idle_ms,
+            claim_interval_s=s.ledger_claim_interval_s,
+            max_deliveries=s.ledger_max_deliveries,
+            verify_interval_s=s.ledger_verify_interval_s,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class Batch:
+    records: list[EventRecord]
+    ack_ids: list[bytes]  # every entry to XACK after COMMIT (records, in-batch duplicates, conflicts)
+    conflicts: list[Conflict]
+    duplicates: int  # in-batch duplicates
+    deliveries: dict[bytes, int]  # stream id -> delivery count (claimed entries; absent means 1)
+    kv_by_id: dict[bytes, list[bytes]]  # raw fields, for dead-lettering a record the database rejects
+    oldest_ms: int
+
+
+def _stream_ms(stream_id: bytes) -> int:
+    return int(stream_id.split(b"-", 1)[0])
+
+
+def _is_temporary(exc: BaseException) -> bool:
+    return isinstance(
+        exc,
+        psycopg.OperationalError
+        | psycopg.InterfaceError
+        | psycopg.errors.TransactionRollback
+        | ConnectionError
+        | OSError,
+    )
+
+
+class LedgerWorker:
+    """One consumer of the usage stream. ``run(stop)`` returns when ``stop`` is set and the writer drained."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.parser = Parser()
+        self.redis = RawRedis(config.redis_url, timeout_s=max(10.0, config.block_ms / 1000 + 5))
+        self.writer = BatchWriter(config.database_url)
+        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
+        self._writer_error: BaseException | None = None
+        self._claim_cursor = b"0-0"
+        self._next_claim = 0.0
+        self._next_verify = time.monotonic() + config.verify_interval_s
+        self.committed_events = 0
+        self._stop_requested = threading.Event()
+
+    # ------------------------------------------------------------------ setup
+
+    def ensure_group(self) -> None:
+        """Create the stream and the group (from the start of the stream) if missing. Idempotent."""
+        try:
+            self.redis.execute("XGROUP", "CREATE", self.config.stream, self.config.group, "0", "MKSTREAM")
+        except RedisReplyError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # ------------------------------------------------------------------- loop
+
+    def run(self, stop: threading.Event) -> None:
+        cfg = self.config
+        log.info("ledger worker starting", extra={"action": "start", "consumer": cfg.consumer, "stream": cfg.stream})
+        self._retry(self.ensure_group, stop)
+        writer = threading.Thread(target=self._writer_loop, name="ledger-writer", daemon=True)
+        writer.start()
+        try:
+            while not stop.is_set() and self._writer_error is None:
+                try:
+                    self._tick()
+                except (ConnectionError, OSError) as exc:
+                    log.warning("redis unavailable; retrying", extra={"action": "redis_retry", "error": str(exc)})
+                    stop.wait(0.5)
+        finally:
+            self._stop_requested.set()
+            self._queue.put(None)
+            writer.join(cfg.stop_timeout_s + 5)
+            self.redis.close()
+            self.writer.close()
+        if self._writer_error is not None:
+            raise self._writer_error
+        log.info("ledger worker stopped", extra={"action": "stop", "consumer": cfg.consumer})
+
+    def _tick(self) -> None:
+        cfg = self.config
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + cfg.claim_interval_s
+            self._claim()
+            self._update_lag()
+        if cfg.verify_interval_s and now >= self._next_verify:
+            self._next_verify = now + cfg.verify_interval_s
+            self._quick_verify()
+        reply = self.redis.execute(
+            "XREADGROUP", "GROUP", cfg.group, cfg.consumer, "COUNT", cfg.batch_size, "BLOCK", cfg.block_ms,
+            "STREAMS", cfg.stream, ">",
+        )  # fmt: skip
+        if not reply:
+            if self._queue.empty():
+                m.INGEST_LAG_SECONDS.set(0)
+            return
+        self._process(reply[0][1], {})
+
+    # ---------------------------------------------------------------- reading
+
+    def _process(self, entries: list[list[Any]], deliveries: dict[bytes, int]) -> None:
+        records: list[EventRecord] = []
+        seen: dict[bytes, bytes] = {}
+        ack_ids: list[bytes] = []
+        conflicts: list[Conflict] = []
+        kv_by_id: dict[bytes, list[bytes]] = {}
+        duplicates = 0
+        parse = self.parser.parse
+        for stream_id, kv in entries:
+            if kv is None:  # deleted from the stream while pending
+                ack_ids.append(stream_id)
+                continue
+            try:
+                record = parse(stream_id, kv)
+            except PoisonEvent as exc:
+                self._poison(stream_id, kv, explain_rejection(kv, exc), deliveries.get(stream_id, 1))
+                continue
+            previous = seen.get(record.event_id)
+            if previous is None:
+                seen[record.event_id] = record.body
+                records.append(record)
+                kv_by_id[stream_id] = kv
+            elif previous == record.body:
+                duplicates += 1
+            else:
+                fields = decode_fields(kv)
+                conflicts.append(
+                    Conflict(record.event_id.decode(), stream_id.decode(), fields, "same event id twice in one batch")
+                )
+            ack_ids.append(stream_id)
+        if not ack_ids:
+            return
+        oldest = min(_stream_ms(e[0]) for e in entries)
+        self._put(Batch(records, ack_ids, conflicts, duplicates, deliveries, kv_by_id, oldest))
+
+    def _put(self, batch: Batch) -> None:
+        while self._writer_error is None:
+            try:
+                self._queue.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _claim(self) -> None:
+        """Take over entries idle longer than ``claim_idle_ms`` (dead consumers, earlier failures)."""
+        cfg = self.config
+        reply = self.redis.execute(
+            "XAUTOCLAIM", cfg.stream, cfg.group, cfg.consumer, cfg.claim_idle_ms, self._claim_cursor,
+            "COUNT", cfg.batch_size,
+        )  # fmt: skip
+        self._claim_cursor = reply[0]
+        entries = [e for e in reply[1] if e is not None]
+        if not entries:
+            return
+        pending = self.redis.pipeline([("XPENDING", cfg.stream, cfg.group, e[0], e[0], 1) for e in entries])
+        deliveries = {row[0][0]: int(row[0][3]) for row in pending if row}
+        keep = []
+        for stream_id, kv in entries:
+            count = deliveries.get(stream_id, 1)
+            if count > cfg.max_deliveries and kv is not None:
+                self._dead_letter(stream_id, kv, f"delivered {count} times without being committed", count)
+            else:
+                keep.append([stream_id, kv])
+        log.info(
+            "reclaimed pending entries", extra={"action": "claim", "count": len(entries), "consumer": cfg.consumer}
+        )
+        if keep:
+            self._process(keep, deliveries)
+
+    def _poison(self, stream_id: bytes, kv: list[bytes], reason: str, deliveries: int) -> None:
+        if deliveries >= self.config.max_deliveries:
+            self._dead_letter(stream_id, kv, reason, deliveries)
+        else:
+            log.warning(
+                "usage event rejected; left pending for redelivery",
+                extra={"action": "reject", "stream_id": stream_id.decode(), "reason": reason, "deliveries": deliveries},
+            )
+
+    def _dead_letter(
+        self, stream_id: bytes, kv: list[bytes], reason: str, deliveries: int, client: RawRedis | None = None
+    ) -> None:
+        cfg = self.config
+        meta = [b"dead_stream", cfg.stream.encode(), b"dead_id", stream_id, b"dead_reason", reason.encode(),
+                b"dead_deliveries", b"%d" % deliveries, b"dead_consumer", cfg.consumer.encode()]  # fmt: skip
+        (client or self.redis).pipeline(
+            [
+                ("MULTI",),
+                ("XADD", cfg.dead_letter_stream, "*", *meta, *kv),
+                ("XACK", cfg.stream, cfg.group, stream_id),
+                ("EXEC",),
+            ]
+        )
+        m.DEAD_LETTERED.inc()
+        log.error(
+            "usage event dead-lettered",
+            extra={
+                "action": "dead_letter",
+                "stream_id": stream_id.decode(),
+                "reason": reason,
+                "deliveries": deliveries,
+            },
+        )
+
+    def _update_lag(self) -> None:
+        try:
+            groups = self.redis.execute("XINFO", "GROUPS", self.config.stream)
+        except RedisReplyError:
+            return
+        for raw in groups:
+            info = dict(zip(raw[0::2], raw[1::2], strict=False))
+            if info.get(b"name") == self.config.group.encode():
+                lag = info.get(b"lag")
+                m.INGEST_LAG_ENTRIES.set(int(lag or 0) + int(info.get(b"pel-count") or 0))
+
+    def _quick_verify(self) -> None:
+        from openledger.settlement.ledger.verify import verify
+
+        try:
+            with psycopg.connect(self.writer.url, connect_timeout=5) as conn:
+                verify(conn, full=False)
+        except psycopg.Error as exc:
+            log.warning("periodic verify could not run", extra={"action": "verify", "error": str(exc)})
+
+    # ---------------------------------------------------------------- writing
+
+    def _writer_loop(self) -> None:
+        ack_client = RawRedis(self.config.redis_url)
+        try:
+            while True:
+                batch = self._queue.get()
+                if batch is None:
+                    return
+                self._write_and_ack(batch, ack_client)
+        except BaseException as exc:
+            log.exception("ledger writer failed", extra={"action": "writer_failed"})
+            self._writer_error = exc
+        finally:
+            ack_client.close()
+
+    def _write_and_ack(self, batch: Batch, ack_client: RawRedis) -> None:
+        started = time.monotonic()
+        result, ack_ids = self._write(batch, ack_client)
+        m.BATCH_SECONDS.observe(time.monotonic() - started)
+        self._ack(ack_client, ack_ids)
+        self.committed_events += result.inserted
+        m.BATCH_SIZE.observe(len(batch.records))
+        m.EVENTS.inc(result.inserted)
+        m.POSTINGS.inc(result.postings)
+        m.DUPLICATES.inc(result.duplicates + batch.duplicates)
+        m.QUARANTINED.inc(result.conflicts)
+        m.INGEST_LAG_SECONDS.set(max(0.0, time.time() - batch.oldest_ms / 1000))
+
+    def _write(self, batch: Batch, ack_client: RawRedis) -> tuple[WriteResult, list[bytes]]:
+        """Write with retries; a record the database refuses is isolated by bisection and left pending."""
+        try:
+            return self._write_retrying(batch.records, batch.conflicts), batch.ack_ids
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, InvariantViolation) as exc:
+            if isinstance(exc, InvariantViolation):
+                raise
+            log.warning("batch refused by the database; isolating", extra={"action": "isolate", "error": str(exc)})
+        total = WriteResult()
+        refused: set[bytes] = set()
+        self._bisect(batch.records, batch, total, refused, ack_client)
+        self._write_retrying([], batch.conflicts)
+        return total, [i for i in batch.ack_ids if i not in refused]
+
+    def _bisect(
+        self, records: list[EventRecord], batch: Batch, total: WriteResult, refused: set[bytes], ack_client: RawRedis
+    ) -> None:
+        try:
+            result = self._write_retrying(records, [])
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+            if len(records) == 1:
+                record = records[0]
+                refused.add(record.stream_id)
+                kv = batch.kv_by_id[record.stream_id]
+                reason = f"database refused the event: {str(exc).splitlines()[0]}"
+                self._poison_from_writer(
+                    record.stream_id, kv, reason, batch.deliveries.get(record.stream_id, 1), ack_client
+                )
+                return
+            half = len(records) // 2
+            self._bisect(records[:half], batch, total, refused, ack_client)
+            self._bisect(records[half:], batch, total, refused, ack_client)
+            return
+        total.inserted += result.inserted
+        total.duplicates += result.duplicates
+        total.postings += result.postings
+
+    def _poison_from_writer(
+        self, stream_id: bytes, kv: list[bytes], reason: str, deliveries: int, client: RawRedis
+    ) -> None:
+        if deliveries >= self.config.max_deliveries:
+            self._dead_letter(stream_id, kv, reason, deliveries, client)
+        else:
+            log.warning(
+                "usage event refused; left pending",
+                extra={"action": "reject", "stream_id": stream_id.decode(), "reason": reason},
+            )
+
+    def _write_retrying(self, records: list[EventRecord], conflicts: list[Conflict]) -> WriteResult:
+        if not records and not conflicts:
+            return WriteResult()
+        plan = assemble(records)
+        if plan.entry_count > JOURNAL_ID_BLOCK:  # one id block per transaction: split the batch
+            half = len(records) // 2
+            first = self._write_retrying(records[:half], conflicts)
+            second = self._write_retrying(records[half:], [])
+            first.inserted += second.inserted
+            first.duplicates += second.duplicates
+            first.postings += second.postings
+            return first
+        delay = 0.1
+        deadline: float | None = None
+        while True:
+            try:
+                return self.writer.write(plan, conflicts)
+            except Exception as exc:
+                if not _is_temporary(exc):
+                    raise
+                if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
+                    self.writer.discard_connection()
+                m.WRITE_RETRIES.inc()
+                if self._stopping() and deadline is None:
+                    deadline = time.monotonic() + self.config.stop_timeout_s
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                log.warning(
+                    "batch write failed; retrying",
+                    extra={"action": "write_retry", "error": str(exc).strip()[:200], "delay_s": delay},
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+
+    def _stopping(self) -> bool:
+        return self._stop_requested.is_set()
+
+    def _ack(self, client: RawRedis, ids: list[bytes]) -> None:
+        delay = 0.1
+        for _ in range(50):
+            try:
+                for start in range(0, len(ids), 10_000):
+                    client.execute("XACK", self.config.stream, self.config.group, *ids[start : start + 10_000])
+                return
+            except (ConnectionError, OSError) as exc:
+                # Not acked yet: the entries stay pending and are written again later (a no-op).
+                log.warning("XACK failed; retrying", extra={"action": "ack_retry", "error": str(exc)})
+                time.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+        log.error("XACK kept failing; entries stay pending and will be redelivered", extra={"action": "ack_failed"})
+
+    def _retry(self, fn: Any, stop: threading.Event) -> None:
+        delay = 0.1
+        while not stop.is_set():
+            try:
+                fn()
+                return
+            except (ConnectionError, OSError) as exc:
+                log.warning("redis unavailable at start; retrying", extra={"action": "redis_retry", "error": str(exc)})
+                stop.wait(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+
+
+def run_worker(config: WorkerConfig, stop: threading.Event) -> None:
+    LedgerWorker(config).run(stop)

@@ -1,0 +1,53 @@
+"""``openledger_settlement_*`` metrics, declared on the one product registry.
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+| openledger_settlement_epochs_settled_total | counter | pool | epochs whose root is confirmed on chain and committed in the ledger |
+| openledger_settlement_lag_epochs | gauge | pool | closed epochs not yet settled (the backlog) |
+| openledger_settlement_pending_base_units | gauge | pool | earned by payees but not yet in a confirmed root |
+| openledger_settlement_settled_base_units | gauge | pool | cumulative total of the last confirmed root |
+| openledger_settlement_transactions_total | counter | outcome | transactions by outcome: submitted, confirmed, reverted, nonce_consumed, rebroadcast |
+| openledger_settlement_fee_bumps_total | counter | — | replacement transactions with higher EIP-1559 fees |
+| openledger_settlement_reorgs_total | counter | — | receipts that vanished or moved to another block |
+| openledger_settlement_chain_errors_total | counter | operation | failed RPC calls (chain down, timeouts, errors) |
+
+Amounts are gauges of base units (floats lose precision past 2**53, which is fine
+for alerting; the ledger has the exact numbers).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+from openledger.metrics import REGISTRY
+
+EPOCHS_SETTLED = Counter(
+    "openledger_settlement_epochs_settled", "Epochs settled on chain and in the ledger", ["pool"], registry=REGISTRY
+)
+LAG_EPOCHS = Gauge("openledger_settlement_lag_epochs", "Closed epochs not yet settled", ["pool"], registry=REGISTRY)
+PENDING_BASE_UNITS = Gauge(
+    "openledger_settlement_pending_base_units", "Earned but not yet in a confirmed root", ["pool"], registry=REGISTRY
+)
+SETTLED_BASE_UNITS = Gauge(
+    "openledger_settlement_settled_base_units",
+    "Cumulative total of the last confirmed root",
+    ["pool"],
+    registry=REGISTRY,
+)
+TRANSACTIONS = Counter(
+    "openledger_settlement_transactions", "Settlement transactions by outcome", ["outcome"], registry=REGISTRY
+)
+FEE_BUMPS = Counter("openledger_settlement_fee_bumps", "Replacement transactions with higher fees", registry=REGISTRY)
+REORGS = Counter("openledger_settlement_reorgs", "Receipts that vanished or changed block", registry=REGISTRY)
+CHAIN_ERRORS = Counter("openledger_settlement_chain_errors", "Failed chain RPC calls", ["operation"], registry=REGISTRY)
+
+__all__ = [
+    "CHAIN_ERRORS",
+    "EPOCHS_SETTLED",
+    "FEE_BUMPS",
+    "LAG_EPOCHS",
+    "PENDING_BASE_UNITS",
+    "REORGS",
+    "SETTLED_BASE_UNITS",
+    "TRANSACTIONS",
+]

@@ -1,0 +1,164 @@
+"""The ingest hot path agrees with the wire format's own parser and with the pure split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openledger.settlement.ledger import ingest
+from openledger.settlement.ledger import split as sp
+from openledger.settlement.ledger.errors import PoisonEvent
+from openledger.wire import Contributor, Price, UsageEvent
+
+ADDR = st.integers(min_value=1, max_value=2**160 - 1).map(lambda n: f"0x{n:040x}")
+
+
+def kv_of(fields: dict[str, str]) -> list[bytes]:
+    out: list[bytes] = []
+    for k, v in fields.items():
+        out += [k.encode(), v.encode()]
+    return out
+
+
+@st.composite
+def events(draw: st.DrawFn) -> UsageEvent:
+    price = Price(
+        per_request=draw(st.integers(0, 10**20)),
+        per_input_token=draw(st.integers(0, 10**15)),
+        per_output_token=draw(st.integers(0, 10**15)),
+    )
+    tin, tout = draw(st.integers(0, 100_000)), draw(st.integers(0, 100_000))
+    outcome = draw(st.sampled_from(["ok", "ok", "ok", "upstream_error", "timeout"]))
+    fee = draw(st.integers(0, 2000))
+    n = draw(st.integers(0, 3))
+    contributors = tuple(Contributor(draw(ADDR), draw(st.integers(0, 8000 // max(n, 1)))) for _ in range(n))
+    eid = draw(st.uuids(version=4)).hex
+    return UsageEvent(
+        event_id=f"{eid[:8]}-{eid[8:12]}-{eid[12:16]}-{eid[16:20]}-{eid[20:]}",
+        agent=draw(st.sampled_from(["a/x", "a/y", "b/z"])),
+        payer=draw(ADDR),
+        model="ns/model",
+        owner=draw(ADDR),
+        price=price,
+        input_tokens=tin,
+        output_tokens=tout,
+        cost=price.cost(tin, tout) if outcome == "ok" else 0,
+        outcome=outcome,
+        started_at_ms=draw(st.integers(0, 2**42)),
+        finished_at_ms=draw(st.integers(0, 2**42)),
+        contributors=contributors,
+        pool=draw(st.sampled_from(["", "ns/p1", "ns/p2"])),
+        fee_bps=fee,
+    )
+
+
+@settings(max_examples=50)
+@given(batch=st.lists(events(), min_size=1, max_size=30))
+def test_batch_aggregation_equals_the_sum_of_per_event_splits(batch: list[UsageEvent]) -> None:
+    parser = ingest.Parser()
+    records = [parser.parse(b"%d-0" % i, kv_of(e.to_fields())) for i, e in enumerate(batch)]
+    plan = ingest.assemble(records)
+    expected: dict[str, dict[str, int]] = {}
+    for e in batch:
+        contributors = [(c.account, c.share_bps) for c in e.contributors]
+        for account, amount in sp.event_postings(e.cost, e.payer, e.owner, e.pool, e.fee_bps, contributors):
+            pool = expected.setdefault(e.pool, {})
+            pool[account] = pool.get(account, 0) + amount
+    want = {pool: sp.aggregate(p.items()) for pool, p in expected.items()}
+    want = {pool: p for pool, p in want.items() if p}
+    assert {e.pool: e.postings for e in plan.entries} == want
+    for entry in plan.entries:
+        assert sum(entry.postings.values()) == 0
+    assert sum(a for a, _ in plan.spend.values()) == sum(e.cost for e in batch)
+    data = plan.copy_data(1000)
+    assert data.count(b"\n") == len(batch)
+
+
+def test_record_body_is_the_copy_row_of_the_wire_fields() -> None:
+    event = UsageEvent(
+        event_id="0192F0C4-0000-7000-8000-000000000001",
+        agent="a/x",
+        payer="0x" + "a" * 40,
+        model="ns/m",
+        owner="0x" + "b" * 40,
+        price=Price(per_request=5),
+        input_tokens=1,
+        output_tokens=2,
+        cost=5,
+        outcome="ok",
+        started_at_ms=1,
+        finished_at_ms=7_200_001,
+        extra={"note": "tab\there \\ back"},
+    )
+    record = ingest.Parser().parse(b"5-1", kv_of(event.to_fields()))
+    assert record.event_id == b"0192f0c4-0000-7000-8000-000000000001"
+    assert record.hour == 2
+    columns = record.body.split(b"\t")
+    assert len(columns) == len(ingest.WIRE_FIELDS)
+    assert columns[-1] == ingest.copy_escape(json.dumps(event.extra, separators=(",", ":")).encode())
+
+
+def test_fields_in_another_order_or_without_optional_ones_parse_the_same() -> None:
+    fields = {k: v for k, v in reversed(list(_ok_fields().items())) if k not in ("extra", "pool", "fee_bps")}
+    record = ingest.parse_event(fields)
+    assert record.shape.pool == "" and record.shape.fee_bps == 0
+
+
+def _ok_fields() -> dict[str, str]:
+    return UsageEvent(
+        event_id="0192f0c4-0000-7000-8000-000000000002",
+        agent="a/x",
+        payer="0x" + "a" * 40,
+        model="ns/m",
+        owner="0x" + "b" * 40,
+        price=Price(per_input_token=3),
+        input_tokens=10,
+        output_tokens=0,
+        cost=30,
+        outcome="ok",
+        started_at_ms=1,
+        finished_at_ms=2,
+        contributors=(Contributor("0x" + "c" * 40, 1000),),
+        pool="ns/p",
+        fee_bps=100,
+    ).to_fields()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"id": "not-a-uuid"}, "'id'"),
+        ({"cost": "31"}, "'cost'"),
+        ({"cost": "-30"}, "'cost'"),
+        ({"input_tokens": "1_0"}, "'input_tokens'"),
+        ({"input_tokens": "99999999999999999999"}, "'input_tokens'"),
+        ({"outcome": "weird"}, "'outcome'"),
+        ({"owner": "bob"}, "'owner'"),
+        ({"payer": "0x12"}, "'payer'"),
+        ({"contributors": "0xzz:1:data"}, "'contributors'"),
+        ({"fee_bps": "9500"}, "'contributors' and 'fee_bps'"),
+        ({"extra": "{not json"}, "'extra'"),
+        ({"agent": "a\x00b"}, "'agent'"),
+        ({"model": None}, "'model'"),
+    ],
+)
+def test_poison_events_are_rejected_naming_the_field(change: dict[str, str | None], field: str) -> None:
+    fields = _ok_fields()
+    for key, value in change.items():
+        if value is None:
+            del fields[key]
+        else:
+            fields[key] = value
+    with pytest.raises(PoisonEvent, match=field):
+        ingest.parse_event(fields)
+
+
+def test_failed_requests_are_recorded_without_an_entry() -> None:
+    fields = _ok_fields() | {"outcome": "timeout", "cost": "0"}
+    plan = ingest.assemble([ingest.parse_event(fields)])
+    assert plan.entries == []
+    assert plan.copy_data(1).endswith(b"\\N\n")
+    assert plan.spend == {("a/x", 0): [0, 1]}
