@@ -62,10 +62,22 @@ STATUS_INTERVAL_S = 2.0
 
 # Replace the config, map the new key hash, drop the old one, ensure the queue
 # and its consumer group — atomically. KEYS: config, new apikey, old apikey (or
-# the new one again), queue. ARGV: ref, expected old hash ("" = none), field, value…
+# the new one again), queue, this period's spent counter.
+# ARGV: ref, expected old hash ("" = none), field, value…
 _APPLY = """
 local current = redis.call('HGET', KEYS[1], 'key_hash') or ''
 if current ~= ARGV[2] then return -1 end
+-- Budget counters are in quanta: when the quantum changes, rescale this period's spend
+-- (rounding up, capped below 2^50) so the gateway keeps counting in one unit.
+local old_q = tonumber(redis.call('HGET', KEYS[1], 'quantum') or '0')
+local new_q = tonumber(ARGV[ARGV_QUANTUM])
+if old_q > 0 and old_q ~= new_q then
+  local spent = tonumber(redis.call('GET', KEYS[5]) or '0')
+  if spent > 0 then
+    local scaled = math.min(math.ceil(spent * old_q / new_q), 1125899906842623)
+    redis.call('SET', KEYS[5], string.format('%.0f', scaled), 'KEEPTTL')
+  end
+end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') + 1
 redis.call('DEL', KEYS[1])
 local fields = {}
@@ -77,12 +89,24 @@ redis.pcall('XGROUP', 'CREATE', KEYS[4], '@GROUP@', '$', 'MKSTREAM')
 return version
 """.replace("@GROUP@", QUEUE_GROUP)
 
+# Shared clients: the operator runner's (``memo.kube``, ``memo.redis``) when present,
+# else our own (``kopf run -m openledger.controllers.agent``).
 _state: dict[str, Any] = {}
+_rate_limited: dict[str, int] = {}  # last count seen per Agent (Throttled = it grew since the last tick)
+_owned: set[str] = set()
+
+
+def _adopt(memo: Any) -> None:
+    for name, attr in (("api", "kube"), ("redis", "redis")):
+        shared = getattr(memo, attr, None)
+        if name not in _state and shared is not None:
+            _state[name] = shared
 
 
 async def _api() -> ApiClient:
     if "api" not in _state:
         _state["api"] = await kube.new_api_client()
+        _owned.add("api")
     api: ApiClient = _state["api"]
     return api
 
@@ -90,16 +114,19 @@ async def _api() -> ApiClient:
 def _redis() -> aioredis.Redis:
     if "redis" not in _state:
         _state["redis"] = aioredis.Redis.from_url(get_settings().redis_url, socket_timeout=5, socket_connect_timeout=5)
+        _owned.add("redis")
     r: aioredis.Redis = _state["redis"]
     return r
 
 
 @kopf.on.cleanup()
 async def _close(**_: Any) -> None:
-    if "redis" in _state:
-        await _state.pop("redis").aclose()
-    if "api" in _state:
-        await _state.pop("api").close()
+    redis_client, api = _state.pop("redis", None), _state.pop("api", None)
+    if "redis" in _owned and redis_client is not None:
+        await redis_client.aclose()
+    if "api" in _owned and api is not None:
+        await api.close()
+    _owned.clear()
 
 
 # ------------------------------------------------------------------ Redis edge
@@ -126,7 +153,9 @@ async def write_config(config: AgentConfig, previous: AgentConfig | None) -> int
     for k, v in fields.items():
         argv += [k, v]
     old_key = apikey_key(old_hash) if old_hash else apikey_key(config.key_hash)
-    version = await _redis().eval(_APPLY, 4, keys.config, apikey_key(config.key_hash), old_key, keys.queue, *argv)
+    spent = keys.spent(period_id(config.budget_period, datetime.now(UTC).timestamp()))
+    script = _APPLY.replace("ARGV_QUANTUM", str(argv.index("quantum") + 2))
+    version = await _redis().eval(script, 5, keys.config, apikey_key(config.key_hash), old_key, keys.queue, spent, *argv)
     if int(version) < 0:
         raise kopf.TemporaryError("agent config changed concurrently; retrying", delay=1)
     return int(version)
@@ -245,7 +274,8 @@ class _Invalid(Exception):
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def reconcile_agent(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+async def reconcile_agent(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _adopt(memo)
     try:
         status = await apply_agent(dict(body))
     except _Invalid as exc:
@@ -256,9 +286,11 @@ async def reconcile_agent(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def delete_agent(name: str, namespace: str | None, spec: kopf.Spec, **_: Any) -> None:
+async def delete_agent(name: str, namespace: str | None, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> None:
+    _adopt(memo)
     assert namespace is not None, "Agents are namespaced"
     ref = f"{namespace}/{name}"
+    _rate_limited.pop(ref, None)
     try:
         await revoke(ref)
     except aioredis.RedisError as exc:
@@ -268,14 +300,22 @@ async def delete_agent(name: str, namespace: str | None, spec: kopf.Spec, **_: A
             secret_name(name, dict(spec)), namespace, _request_timeout=10
         )
     except ApiException as exc:
-        if exc.status != 404:
+        if exc.status == 403:
+            # Not allowed to delete Secrets here: its ownerReference lets the garbage collector do it.
+            log.warning("credentials Secret left to the garbage collector", extra={"action": "revoke", "agent": ref})
+        elif exc.status != 404:
             raise
     log.info("agent revoked", extra={"action": "revoke", "agent": ref})
 
 
-@kopf.on.delete("", "v1", "secrets", labels={AGENT_LABEL: kopf.PRESENT}, optional=True)
-async def secret_deleted(name: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
-    """Deleting an Agent's Secret rotates its key."""
+@kopf.on.event("", "v1", "secrets", labels={AGENT_LABEL: kopf.PRESENT})
+async def secret_deleted(
+    event: kopf.RawEvent, name: str, namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **_: Any
+) -> None:
+    """Deleting an Agent's Secret rotates its key (a raw watch event: Secrets carry no finalizer)."""
+    if event.get("type") != "DELETED":
+        return
+    _adopt(memo)
     agent_name = labels.get(AGENT_LABEL)
     if namespace is None or not agent_name:
         return
@@ -295,9 +335,10 @@ async def secret_deleted(name: str, namespace: str | None, labels: kopf.Labels, 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL_S, initial_delay=STATUS_INTERVAL_S)
 async def agent_usage(
-    name: str, namespace: str | None, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch, **_: Any
+    name: str, namespace: str | None, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any
 ) -> None:
     """Mirror queue depth, in-flight, spend and rate-limited count into the status."""
+    _adopt(memo)
     ref = f"{namespace}/{name}"
     if status.get("phase") in (None, "Failed", "Pending"):
         return
@@ -308,9 +349,14 @@ async def agent_usage(
         usage = await read_usage(config)
     except aioredis.RedisError:
         return  # the next tick tries again
-    new = agent_status(config, usage, dict(status), status.get("observedGeneration"), str(status.get("secretName", "")))
+    last = _rate_limited.get(ref)
+    _rate_limited[ref] = usage.rate_limited
+    throttled = last is not None and usage.rate_limited > last
+    new = agent_status(
+        config, usage, dict(status), status.get("observedGeneration"), str(status.get("secretName", "")),
+        throttled=throttled,
+    )  # fmt: skip
     changed = {k: v for k, v in new.items() if k != "conditions" and status.get(k) != v}
-    if changed:
+    if changed or last != usage.rate_limited:
         patch.status.update(changed)
-        if new["phase"] != status.get("phase"):
-            patch.status["conditions"] = new["conditions"]
+        patch.status["conditions"] = new["conditions"]

@@ -5,7 +5,9 @@
 - ``credentials_secret(agent, api_key)``: the Secret that delivers the key once,
   owned by the Agent (``ownerReferences`` for real clusters; the finalizer
   deletes it locally, where there is no garbage collector).
-- ``agent_status(...)``: phase, counters and conditions from what Redis reports.
+- ``agent_status(...)``: phase, counters and conditions from what Redis reports
+  (the rate-limited count is in the ``LimitsApplied`` message: the CRD's status
+  schema has no field for it yet).
 - ``new_api_key()``: ``olk_`` + 43 url-safe characters (256 random bits).
 """
 
@@ -154,6 +156,7 @@ def agent_status(
     generation: int | None,
     secret: str,
     rotated: bool = False,
+    throttled: bool = False,
 ) -> dict[str, Any]:
     """The status subresource for an Agent whose config is applied."""
     spent = usage.spent_quanta * config.budget_quantum
@@ -163,8 +166,7 @@ def agent_status(
         remaining = max(0, config.budget_base_units - spent)
         if spent >= config.budget_base_units:
             phase = "OverBudget"
-    prev_limited = int((previous or {}).get("rateLimited") or 0)
-    if phase == "Ready" and usage.rate_limited > prev_limited:
+    if phase == "Ready" and throttled:
         phase = "Throttled"
     conditions: list[Condition] = [
         condition("CredentialsIssued", True, "KeyRotated" if rotated else "KeyIssued", f"API key in Secret {secret}",
@@ -180,7 +182,6 @@ def agent_status(
         "queueDepth": usage.queue_depth,
         "inFlight": usage.in_flight,
         "spentThisPeriod": to_decimal_string(spent, DEFAULT_DECIMALS),
-        "rateLimited": usage.rate_limited,
         "conditions": merge_conditions((previous or {}).get("conditions"), conditions),
     }
     if generation is not None:

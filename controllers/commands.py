@@ -13,8 +13,10 @@ if TYPE_CHECKING:
     from openledger.local.platform import Endpoints
     from openledger.local.product import ProductProcess
 
-# controllers/ sits at the project root; crds/ beside it.
-DEFAULT_CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
+# controllers/ sits at the project root; crds/ beside it. The Helm chart ships the same files.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CRD_DIR = PROJECT_ROOT / "crds"
+CHART_CRD_DIR = PROJECT_ROOT / "charts" / "openledger" / "crds"
 
 
 def generated_files() -> dict[str, str]:
@@ -42,19 +44,22 @@ def crds() -> None:
 @crds.command("generate")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=DEFAULT_CRD_DIR, show_default=True)
 @click.option("--check", is_flag=True, help="Only check that the files are up to date; exit 1 when stale.")
-def crds_generate(out_dir: Path, check: bool) -> None:
-    """Write crds/*.yaml from the API definition in code."""
+@click.option("--chart/--no-chart", default=True, help="Also write the Helm chart's copy (charts/openledger/crds).")
+def crds_generate(out_dir: Path, check: bool, chart: bool) -> None:
+    """Write crds/*.yaml (and the chart's copy) from the API definition in code."""
+    dirs = [out_dir, *([CHART_CRD_DIR] if chart else [])]
     if check:
-        stale = stale_files(out_dir)
+        stale = [str(d / name) for d in dirs for name in stale_files(d)]
         if stale:
             click.echo("stale CRD files (run `openledger crds generate`): " + ", ".join(stale), err=True)
             sys.exit(1)
         click.echo("CRDs are up to date")
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in generated_files().items():
-        (out_dir / name).write_text(text)
-        click.echo(f"wrote {out_dir / name}")
+    for directory in dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in generated_files().items():
+            (directory / name).write_text(text)
+            click.echo(f"wrote {directory / name}")
 
 
 @click.command("operator")

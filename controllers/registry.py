@@ -17,6 +17,7 @@ import importlib
 HANDLER_MODULES: list[str] = [
     "openledger.controllers.model",
     "openledger.controllers.agent",
+    "openledger.controllers.rewardpool",
 ]
 
 

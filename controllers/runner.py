@@ -151,8 +151,9 @@ class LeaderElector:
                 LEADER.set(0)
                 self.lost.set()
                 return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=period)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):  # no helper task: Kopf would wait for it on exit
+                    await stop.wait()
 
     async def release(self) -> None:
         """Hand the Lease over at once on a clean stop (the standby need not wait it out)."""
@@ -271,6 +272,10 @@ async def operate(namespaces: list[str] | None = None, settings: Settings | None
 
         async def mark_ready() -> None:
             await kopf_ready.wait()
+            # Kopf installed its own SIGTERM/SIGINT handlers; ours stop everything at once
+            # (the Lease loop included), then stop Kopf through its stop flag.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
             health.controllers_ready = True
             log.info("controllers running", extra={"action": "ready", "identity": me})
 

@@ -43,6 +43,7 @@ from openledger.gateway.protocols import Route, error_body, match_path, upstream
 from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, hash_api_key, period_bounds_s, period_id
 from openledger.gateway.redisproto import RedisClient, RedisError, RedisUnavailable, Script
 from openledger.gateway.retry import RetryBudget, backoff_s
+from openledger.gateway.upstream import UpstreamBroken, UpstreamPool, UpstreamRefused
 from openledger.settings import Settings
 from openledger.wire import ModelRoute, PoolBinding, UsageEvent, model_pool_key, model_route_key
 
@@ -109,12 +110,14 @@ class Gateway:
         self.timeout_s = settings.gateway_upstream_timeout_s
         self.state = GatewayState(retry_budget=RetryBudget(ratio=settings.gateway_retry_ratio))
         self.breaker_config = BreakerConfig(settings.gateway_breaker_failures, settings.gateway_breaker_cooldown_s)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # https:// upstreams only
+        self.pool = UpstreamPool(max_connections=settings.gateway_upstream_connections)
         self._agents: dict[str, _Cached] = {}
         self._routes: dict[str, _Cached] = {}
         self._released: dict[str, asyncio.Event] = {}
         self._queued: dict[str, int] = {}
         self._counters: dict[tuple[str, str, int], Any] = {}
+        self._periods: dict[str, tuple[str, int, int]] = {}
         # The in-flight ttl must outlive any request, so a live request is never reclaimed.
         self.inflight_ttl_us = int((self.timeout_s * MAX_ATTEMPTS + 3600) * 1e6)
 
@@ -147,6 +150,7 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        self.pool.close()
         await self.redis.close()
 
     # --------------------------------------------------------------- request
@@ -281,12 +285,14 @@ class Gateway:
             msg = f"model {name!r} is failing; circuit open"
             raise _tag(Reject(503, "circuit_open", msg, breaker.retry_after_s(now_s)), agent, model_ref)
         probe = breaker.state is BreakerState.HALF_OPEN
+        before = breaker.state
         try:
             return await self._admitted(route, agent, model_ref, model_route, pool, shape, raw, breaker)
         finally:
             if probe:
                 breaker.release_probe()
-            m.CIRCUIT_STATE.labels(model_ref).set(int(breaker.state))
+            if breaker.state is not before or probe:
+                m.CIRCUIT_STATE.labels(model_ref).set(int(breaker.state))
 
     async def _admitted(
         self,
@@ -398,7 +404,13 @@ class Gateway:
         fields = dict(zip(raw[::2], raw[1::2], strict=True)) if raw else {}
         if not fields:
             raise Reject(401, "invalid_api_key", "invalid or revoked API key")
-        agent = AgentConfig.from_fields(fields)
+        try:
+            agent = AgentConfig.from_fields(fields)
+        except ValueError as exc:
+            log.error("unusable agent config", extra={"action": "auth", "agent": fields.get(b"ref"), "error": str(exc)})
+            raise Reject(
+                503, "agent_config_invalid", "this agent's configuration is not usable; see gateway logs"
+            ) from None
         if not hmac.compare_digest(agent.key_hash.encode(), key_hash.encode()):
             raise Reject(401, "invalid_api_key", "invalid or revoked API key")
         self._agents[key_hash] = _Cached(agent, time.monotonic())
@@ -486,7 +498,7 @@ class Gateway:
     ) -> list[Any]:
         keys = AgentKeys(agent.ref)
         now_s = time.time()
-        period = period_id(agent.budget_period, now_s)
+        period, spent_ttl_s = self._period(agent.budget_period, now_s)
         budget = agent.budget_quanta
         deadline_us = int((now_s + agent.queue_max_wait_ms / 1000) * 1e6)
         result: list[Any] = await self.redis.evalsha(
@@ -496,7 +508,7 @@ class Gateway:
             [agent.ref, str(agent.version), request_id, "", repr(float(agent.requests_per_second)), str(agent.burst),
              repr(agent.tokens_per_minute / 60), str(agent.tokens_per_minute), str(shape.estimated_tokens),
              str(agent.max_concurrency), str(self.inflight_ttl_us), str(reserve), "" if budget is None else str(budget),
-             "1" if agent.budget_enforcement == "Hard" else "0", str(self._spent_ttl_s(agent, now_s)),
+             "1" if agent.budget_enforcement == "Hard" else "0", str(spent_ttl_s),
              str(agent.queue_max_depth), entry, str(deadline_us)],
         )  # fmt: skip
         return result
@@ -550,9 +562,13 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout_s)
 
-    def _spent_ttl_s(self, agent: AgentConfig, now_s: float) -> int:
-        _, end = period_bounds_s(agent.budget_period, now_s)
-        return int(end - now_s) + 86400  # kept a day after the period for status
+    def _period(self, period: str, now_s: float) -> tuple[str, int]:
+        """(period id, ttl of its spent counter in s), recomputed only when the period ends."""
+        cached = self._periods.get(period)
+        if cached is None or now_s >= cached[2]:
+            _, end = period_bounds_s(period, now_s)
+            cached = self._periods[period] = (period_id(period, now_s), end, end)
+        return cached[0], int(cached[1] - now_s) + 86400  # the counter outlives its period by a day, for status
 
     async def _settle(
         self,
@@ -563,9 +579,9 @@ class Gateway:
         token_delta: int,
         event: UsageEvent | None,
     ) -> None:
-        now_s = time.time()
+        period, spent_ttl_s = self._period(agent.budget_period, time.time())
         args: list[str | bytes | int | float] = [
-            request_id, str(cost_quanta), str(self._spent_ttl_s(agent, now_s)), str(token_delta),
+            request_id, str(cost_quanta), str(spent_ttl_s), str(token_delta),
             repr(agent.tokens_per_minute / 60), "1" if event is not None else "0",
         ]  # fmt: skip
         if event is not None:
@@ -575,7 +591,7 @@ class Gateway:
         skeys = [
             keys.inflight,
             keys.reserved,
-            keys.spent(period_id(agent.budget_period, now_s)),
+            keys.spent(period),
             keys.rate_tokens,
             self.stream,
         ]
@@ -627,6 +643,8 @@ class Gateway:
             await asyncio.sleep(pause)
 
     async def _attempt(self, url: str, raw: bytes, timeout_s: float) -> _Upstream:
+        if url.startswith("http://"):
+            return await self._attempt_pool(url, raw, timeout_s)
         assert self.session is not None
         try:
             async with self.session.post(
@@ -645,6 +663,20 @@ class Gateway:
             return _Upstream(504, b"", b"application/json", True, "timeout", 0.0)
         except aiohttp.ClientError:
             return _Upstream(502, b"", b"application/json", True, "upstream_error", 0.0)
+
+    async def _attempt_pool(self, url: str, raw: bytes, timeout_s: float) -> _Upstream:
+        """Plain http:// upstreams (in-cluster InferenceService URLs): the small keep-alive pool."""
+        slash = url.find("/", 7)
+        base, path = (url[:slash], url[slash:]) if slash > 0 else (url, "/")
+        try:
+            status, body, ctype = await self.pool.post(base, path, raw, timeout_s)
+        except UpstreamRefused:
+            return _Upstream(502, b"", b"application/json", False, "upstream_error", 0.0)
+        except TimeoutError:
+            return _Upstream(504, b"", b"application/json", True, "timeout", 0.0)
+        except UpstreamBroken:
+            return _Upstream(502, b"", b"application/json", True, "upstream_error", 0.0)
+        return _Upstream(status, body, ctype, True, "ok" if status < 400 else "upstream_error", 0.0)
 
 
 @dataclass

@@ -8,7 +8,7 @@ State is one number per limit: the theoretical arrival time (TAT) in integer
 microseconds. A limit of ``rate`` cells per second with ``burst`` has emission
 interval ``T = 1e6 / rate`` µs and lets ``burst`` cells through at once from idle.
 A request of ``cost`` cells (1 for the request limit, its token count for the
-token limit) is allowed when ``max(TAT, now) + cost*T - burst*T <= now``.
+token limit) is allowed when ``max(TAT, now) - now + cost*T <= burst*T``.
 Floating point is used for the interval only (Lua numbers are IEEE doubles, so
 both sides compute the same values); TATs are rounded up to whole microseconds.
 """
@@ -52,11 +52,13 @@ def gcra(tat_us: int | None, now_us: int, limit: Limit, cost: int = 1) -> GcraDe
         return GcraDecision(False, tat_us if tat_us is not None else now_us, -1)
     interval = limit.interval_us
     tat = now_us if tat_us is None or tat_us < now_us else tat_us
-    new_tat = math.ceil(tat + interval * cost)
-    allow_at = new_tat - interval * limit.burst
-    if now_us < allow_at:
-        return GcraDecision(False, tat, math.ceil(allow_at - now_us))
-    return GcraDecision(True, new_tat, 0)
+    # Relative to now (small numbers, exact integer part): allowed when the TAT after
+    # this request is no more than ``burst`` intervals ahead.
+    need = (tat - now_us) + interval * cost
+    tolerance = interval * limit.burst
+    if need > tolerance:
+        return GcraDecision(False, tat, math.ceil(need - tolerance))
+    return GcraDecision(True, now_us + math.ceil(need), 0)
 
 
 def gcra_pair(
@@ -67,14 +69,16 @@ def gcra_pair(
     tokens: Limit,
     token_cost: int,
 ) -> tuple[GcraDecision, GcraDecision]:
-    """Both limits, all-or-nothing: when either denies, neither TAT moves (as in the Lua script)."""
+    """Both limits, all-or-nothing: when either denies, neither TAT moves (as in the Lua script).
+
+    Each decision keeps its own verdict and retry time; the request passes only when both allow.
+    """
     req = gcra(req_tat_us, now_us, requests, 1)
     tok = gcra(tok_tat_us, now_us, tokens, token_cost)
     if req.allowed and tok.allowed:
         return req, tok
     keep_req = req_tat_us if req_tat_us is not None else now_us
     keep_tok = tok_tat_us if tok_tat_us is not None else now_us
-    return (
-        GcraDecision(False, keep_req, req.retry_after_us) if not req.allowed else GcraDecision(False, keep_req, 0),
-        GcraDecision(False, keep_tok, tok.retry_after_us) if not tok.allowed else GcraDecision(False, keep_tok, 0),
+    return GcraDecision(req.allowed, keep_req, req.retry_after_us), GcraDecision(
+        tok.allowed, keep_tok, tok.retry_after_us
     )

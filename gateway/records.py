@@ -165,6 +165,10 @@ class AgentConfig:
     def namespace(self) -> str:
         return self.ref.split("/", 1)[0]
 
+    def __post_init__(self) -> None:
+        if self.budget_base_units is not None and self.budget_base_units // self.budget_quantum >= QUANTA_MAX:
+            raise ValueError("agent config: budget / quantum must stay below 2**50 (use choose_quantum)")
+
     @property
     def budget_quanta(self) -> int | None:
         return None if self.budget_base_units is None else self.budget_base_units // self.budget_quantum

@@ -132,7 +132,9 @@ class EpochRow:
 
 
 def _epoch_row(r: tuple[Any, ...]) -> EpochRow:
-    return EpochRow(r[0], int(r[1]), r[2], int(r[3] or 0), r[4] or "0x" + "00" * 32, int(r[5] or 0), int(r[6] or 0), r[7])
+    return EpochRow(
+        r[0], int(r[1]), r[2], int(r[3] or 0), r[4] or "0x" + "00" * 32, int(r[5] or 0), int(r[6] or 0), r[7]
+    )
 
 
 _EPOCH_COLS = "pool, epoch, status, cutoff_entry_id, root, total::text, payee_count, tx_hash"
@@ -152,7 +154,9 @@ def latest_epoch(conn: Conn, pool: str, statuses: tuple[str, ...]) -> EpochRow |
 
 
 def count_epochs(conn: Conn, pool: str, statuses: tuple[str, ...]) -> int:
-    row = conn.execute("SELECT count(*) FROM epochs WHERE pool = %s AND status = ANY(%s)", (pool, list(statuses))).fetchone()
+    row = conn.execute(
+        "SELECT count(*) FROM epochs WHERE pool = %s AND status = ANY(%s)", (pool, list(statuses))
+    ).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -166,8 +170,9 @@ def payouts_of(conn: Conn, pool: str, epoch: int | None) -> dict[str, int]:
 
 
 def earned_of(conn: Conn, pool: str, epoch: int) -> int:
+    """All payees' cumulative earnings at the epoch's cutoff (rolled-over amounts included)."""
     row = conn.execute(
-        "SELECT coalesce(sum(earned), 0)::text FROM settlement_payouts WHERE pool = %s AND epoch = %s", (pool, epoch)
+        "SELECT earned::text FROM settlement_epoch_totals WHERE pool = %s AND epoch = %s", (pool, epoch)
     ).fetchone()
     return int(row[0]) if row else 0
 
@@ -203,7 +208,9 @@ def close_epoch(conn: Conn, pool: str, epoch: int, min_payout: int) -> ClosedEpo
     if existing is not None:
         return ClosedEpoch(existing, None)
     newest = latest_epoch(conn, pool, (CLOSED, PUBLISHING, SETTLED, SUPERSEDED))
-    invariant(newest is None or newest.epoch < epoch, f"epoch {epoch} of {pool} is not after {newest.epoch if newest else 0}")
+    invariant(
+        newest is None or newest.epoch < epoch, f"epoch {epoch} of {pool} is not after {newest.epoch if newest else 0}"
+    )
     with conn.transaction():
         cutoff = queries.journal_cutoff(conn)
     earned = queries.cumulative_earnings(conn, pool, cutoff)
@@ -226,13 +233,25 @@ def close_epoch(conn: Conn, pool: str, epoch: int, min_payout: int) -> ClosedEpo
             row = get_epoch(conn, pool, epoch)
             assert row is not None
             return ClosedEpoch(row, None)
+        below = sum(1 for a, e in earned.items() if e > amounts.get(a, 0))
+        conn.execute(
+            "INSERT INTO settlement_epoch_totals (pool, epoch, earned, payees_below_min) VALUES (%s, %s, %s, %s)",
+            (pool, epoch, sum(earned.values()), below),
+        )
         with conn.cursor().copy(
             "COPY settlement_payouts (pool, epoch, account, amount, earned, proof) FROM STDIN"
         ) as copy:
             copy.write(buffer.getvalue())
     log.info(
         "epoch closed",
-        extra={"action": "epoch.closed", "pool": pool, "epoch": epoch, "root": root, "payees": len(tree), "cutoff": cutoff},
+        extra={
+            "action": "epoch.closed",
+            "pool": pool,
+            "epoch": epoch,
+            "root": root,
+            "payees": len(tree),
+            "cutoff": cutoff,
+        },
     )
     row = get_epoch(conn, pool, epoch)
     assert row is not None
@@ -271,14 +290,17 @@ def commit_settlement(conn: Conn, pool: str, epoch: int, tx_hash: str | None) ->
         invariant(row[0] in (CLOSED, PUBLISHING), f"epoch {epoch} of {pool} is {row[0]}, cannot settle")
         settled = latest_epoch(conn, pool, (SETTLED,))
         invariant(settled is None or settled.epoch < epoch, f"epoch {epoch} of {pool} is older than a settled one")
-        increases = leaf_increases(payouts_of(conn, pool, epoch), payouts_of(conn, pool, settled.epoch if settled else None))
+        increases = leaf_increases(
+            payouts_of(conn, pool, epoch), payouts_of(conn, pool, settled.epoch if settled else None)
+        )
         entry_id = _post_closing_entry(conn, pool, epoch, increases) if increases else 0
         conn.execute(
             "UPDATE epochs SET status = 'settled', tx_hash = coalesce(%s, tx_hash) WHERE pool = %s AND epoch = %s",
             (tx_hash, pool, epoch),
         )
         conn.execute(
-            "UPDATE epochs SET status = 'superseded' WHERE pool = %s AND epoch < %s AND status IN ('closed', 'publishing')",
+            "UPDATE epochs SET status = 'superseded'"
+            " WHERE pool = %s AND epoch < %s AND status IN ('closed', 'publishing')",
             (pool, epoch),
         )
     log.info("epoch settled", extra={"action": "epoch.settled", "pool": pool, "epoch": epoch, "entry_id": entry_id})
@@ -305,24 +327,32 @@ def _post_closing_entry(conn: Conn, pool: str, epoch: int, increases: Mapping[st
     assert locked is not None
     entry_id = int(locked[1])
     conn.execute(
-        "INSERT INTO journal_entries (id, kind, pool, event_count, amount, memo) VALUES (%s, 'transfer', '', 0, %s, %s)",
+        "INSERT INTO journal_entries (id, kind, pool, event_count, amount, memo)"
+        " VALUES (%s, 'transfer', '', 0, %s, %s)",
         (entry_id, total, f"settlement {pool} epoch {epoch}"),
     )
     kind, ref = sp.parse_account(target)
-    conn.execute("INSERT INTO accounts (key, kind, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (target, kind, ref))
+    conn.execute(
+        "INSERT INTO accounts (key, kind, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (target, kind, ref)
+    )
     for account in postings:
         if account not in balances and account != target:
             k, r = sp.parse_account(account)
-            conn.execute("INSERT INTO accounts (key, kind, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (account, k, r))
+            conn.execute(
+                "INSERT INTO accounts (key, kind, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (account, k, r)
+            )
     with conn.cursor().copy("COPY postings (entry_id, account, pool, amount) FROM STDIN") as copy:
         for account, amount in postings.items():
             copy.write_row((entry_id, account, "", amount))
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS settlement_balance_delta (account text, amount numeric) ON COMMIT DROP")
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS settlement_balance_delta (account text, amount numeric) ON COMMIT DROP"
+    )
     with conn.cursor().copy("COPY settlement_balance_delta (account, amount) FROM STDIN") as copy:
         for account, amount in postings.items():
             copy.write_row((account, amount))
     conn.execute(
-        "INSERT INTO account_balances (account, balance, last_entry_id) SELECT account, amount, %s FROM settlement_balance_delta"
+        "INSERT INTO account_balances (account, balance, last_entry_id)"
+        " SELECT account, amount, %s FROM settlement_balance_delta"
         " ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + EXCLUDED.balance,"
         " last_entry_id = GREATEST(account_balances.last_entry_id, EXCLUDED.last_entry_id), updated_at = now()",
         (entry_id,),

@@ -4,6 +4,8 @@
 
     SettlementError
     ├── ChainUnavailable    the RPC endpoint is down, slow or erroring (temporary: retry later)
+    ├── ContractReverted    a call would revert (no allowance, no funds, no role, paused): the chain
+    │                       is fine, the publication is blocked until an operator acts
     ├── ConfigError         a RewardPool or secret is unusable (permanent until the spec changes;
     │                       the message names the field, never a secret's value)
     └── SettlementInvariant a rule of the distribution would break (a bug: stop and alert)
@@ -24,6 +26,12 @@ class ChainUnavailable(SettlementError):
     temporary = True
 
 
+class ContractReverted(SettlementError):
+    """A contract call reverted; the message carries the revert reason (no secrets)."""
+
+    temporary = True
+
+
 class ConfigError(SettlementError):
     """Configuration that cannot work; the message names the field."""
 
@@ -38,4 +46,4 @@ def invariant(condition: bool, message: str) -> None:
         raise SettlementInvariant(message)
 
 
-__all__ = ["ChainUnavailable", "ConfigError", "SettlementError", "SettlementInvariant", "invariant"]
+__all__ = ["ChainUnavailable", "ConfigError", "ContractReverted", "SettlementError", "SettlementInvariant", "invariant"]

@@ -32,7 +32,7 @@ class MerkleError(ValueError):
 def _make_hasher() -> Callable[[bytes], bytes]:
     """A keccak256 function; the fast path uses one C state, reset between messages."""
     try:
-        from Crypto.Hash.keccak import _raw_keccak_lib as lib
+        from Crypto.Hash.keccak import _raw_keccak_lib as lib  # type: ignore[attr-defined]
         from Crypto.Util import _raw_api
 
         if _raw_api.backend != "cffi":
@@ -56,7 +56,7 @@ def _make_hasher() -> Callable[[bytes], bytes]:
     except (ImportError, AttributeError):  # pragma: no cover - depends on the install
         from eth_hash.auto import keccak
 
-        return keccak  # type: ignore[no-any-return]
+        return keccak
 
 
 def keccak256(data: bytes) -> bytes:
@@ -146,7 +146,7 @@ class MerkleTree:
         if not columns:
             by_position: list[list[bytes]] = [[] for _ in range(n)]
         elif size_is_power_of_two(n):
-            by_position = [list(row) for row in zip(*columns, strict=True)]  # type: ignore[arg-type]
+            by_position = [list(row) for row in zip(*columns, strict=True)]
         else:
             by_position = [[s for s in row if s is not None] for row in zip(*columns, strict=True)]
         return {account: by_position[position] for account, (position, _) in self.positions.items()}

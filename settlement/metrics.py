@@ -2,11 +2,11 @@
 
 | metric | type | labels | meaning |
 |---|---|---|---|
-| openledger_settlement_epochs_settled_total | counter | pool | epochs whose root is confirmed on chain and committed in the ledger |
+| openledger_settlement_epochs_settled_total | counter | pool | epochs confirmed on chain and committed |
 | openledger_settlement_lag_epochs | gauge | pool | closed epochs not yet settled (the backlog) |
 | openledger_settlement_pending_base_units | gauge | pool | earned by payees but not yet in a confirmed root |
 | openledger_settlement_settled_base_units | gauge | pool | cumulative total of the last confirmed root |
-| openledger_settlement_transactions_total | counter | outcome | transactions by outcome: submitted, confirmed, reverted, nonce_consumed, rebroadcast |
+| openledger_settlement_transactions_total | counter | outcome | submitted, confirmed, reverted, nonce_consumed, … |
 | openledger_settlement_fee_bumps_total | counter | — | replacement transactions with higher EIP-1559 fees |
 | openledger_settlement_reorgs_total | counter | — | receipts that vanished or moved to another block |
 | openledger_settlement_chain_errors_total | counter | operation | failed RPC calls (chain down, timeouts, errors) |

@@ -8,6 +8,8 @@ these tables hold what the settler adds to it:
 - ``settlement_txs``: every signed transaction, persisted with its nonce BEFORE
   it is broadcast (one row per fee-bump attempt; the same nonce groups them).
 - ``settlement_nonces``: the next nonce per (chain, sender), locked while signing.
+- ``settlement_epoch_totals``: per closed epoch, what all payees had earned at the
+  cutoff (the base of ``pendingAmount``, including amounts rolled over by ``minPayout``).
 - ``settlement_payouts``: per pool, epoch and payee address the cumulative
   amount of the epoch's tree and its Merkle proof (what claims are served from).
 """
@@ -83,4 +85,21 @@ settlement_payouts = Table(
     PrimaryKeyConstraint("pool", "epoch", "account", name="pk_settlement_payouts"),
 )
 
-__all__ = ["TX_STATES", "metadata", "settlement_nonces", "settlement_payouts", "settlement_txs"]
+settlement_epoch_totals = Table(
+    "settlement_epoch_totals",
+    metadata,
+    Column("pool", Text, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("earned", Money, nullable=False),  # all payees' cumulative earnings at the cutoff
+    Column("payees_below_min", Integer, nullable=False),  # payees whose increase rolled over
+    PrimaryKeyConstraint("pool", "epoch", name="pk_settlement_epoch_totals"),
+)
+
+__all__ = [
+    "TX_STATES",
+    "metadata",
+    "settlement_epoch_totals",
+    "settlement_nonces",
+    "settlement_payouts",
+    "settlement_txs",
+]

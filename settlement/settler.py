@@ -37,7 +37,8 @@ from openledger.settlement.chain.distributor import PUBLISH_GAS, Distributor, pu
 from openledger.settlement.chain.rpc import Chain, make_web3
 from openledger.settlement.chain.txmanager import TxManager
 from openledger.settlement.crash import crash_point
-from openledger.settlement.errors import ChainUnavailable, ConfigError
+from openledger.settlement.errors import ChainUnavailable, ConfigError, ContractReverted
+from openledger.settlement.ledger.db import libpq_url
 from openledger.settlement.metrics import EPOCHS_SETTLED, LAG_EPOCHS, PENDING_BASE_UNITS, SETTLED_BASE_UNITS
 
 log = logging.getLogger(__name__)
@@ -88,18 +89,33 @@ class PoolStatus:
     chain_message: str = ""
     events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message) for Kubernetes Events
     publishing_epoch: int = 0
+    blocked_message: str = ""  # why the next publication would revert (allowance, funds, role, paused)
 
 
 class Settler:
     """Settles one pool. Holds a PostgreSQL connection (autocommit) and a transaction manager."""
 
-    def __init__(self, config: PoolConfig, secrets: ChainSecrets, database_url: str, policy: FeePolicy | None = None) -> None:
+    def __init__(
+        self, config: PoolConfig, secrets: ChainSecrets, database_url: str, policy: FeePolicy | None = None
+    ) -> None:
         self.config = config
-        self.conn: psycopg.Connection[Any] = psycopg.connect(database_url, autocommit=True, connect_timeout=5)
+        self.conn: psycopg.Connection[Any] = psycopg.connect(
+            libpq_url(database_url), autocommit=True, connect_timeout=5
+        )
         self.chain = Chain(make_web3(secrets.rpc_url))
         self.policy = replace(policy or FeePolicy(), confirmations=config.confirmations)
         self.txm = TxManager(self.conn, self.chain, secrets.signer_key, config.chain_id, self.policy)
         self.distributor = Distributor(self.chain, config.distributor)
+        self._owns_pool = False
+
+    def _own_pool(self) -> bool:
+        """One settler per pool: a session advisory lock on the pool's name (held until close)."""
+        if not self._owns_pool:
+            row = self.conn.execute(
+                "SELECT pg_try_advisory_lock(hashtext(%s))", (f"settler:{self.config.pool}",)
+            ).fetchone()
+            self._owns_pool = bool(row and row[0])
+        return self._owns_pool
 
     def close(self) -> None:
         self.conn.close()
@@ -121,19 +137,31 @@ class Settler:
         pool = self.config.pool
         events: list[tuple[str, str, str]] = []
         current = ep.epoch_of(now_s, self.config.epoch_seconds)
-        reachable, message = True, ""
+        reachable, message, blocked = True, "", ""
+        if not self._own_pool():
+            return self.status(current, True, "another settler holds this pool; standing by")
         newest = ep.latest_epoch(self.conn, pool, (ep.CLOSED, ep.PUBLISHING, ep.SETTLED, ep.SUPERSEDED))
         due = current - 1
         if due >= 1 and (newest is None or newest.epoch < due):
             closed = ep.close_epoch(self.conn, pool, due, self.config.min_payout)
-            events.append(("Normal", "EpochClosed", f"epoch {due} closed: {closed.row.payee_count} payees, root {closed.row.root}"))
+            events.append(
+                (
+                    "Normal",
+                    "EpochClosed",
+                    f"epoch {due} closed: {closed.row.payee_count} payees, root {closed.row.root}",
+                )
+            )
         if not self.config.paused:
             try:
                 events += self._publish_step()
             except ChainUnavailable as exc:
                 reachable, message = False, str(exc)
                 log.warning("chain unavailable", extra={"action": "settle.chain_down", "pool": pool})
-        return self.status(current, reachable, message, tuple(events))
+            except ContractReverted as exc:
+                blocked = str(exc)
+                events.append(("Warning", "PublicationBlocked", blocked))
+                log.warning("publication blocked", extra={"action": "settle.blocked", "pool": pool, "reason": blocked})
+        return replace(self.status(current, reachable, message, tuple(events)), blocked_message=blocked)
 
     def _publish_step(self) -> list[tuple[str, str, str]]:
         pool = self.config.pool
@@ -141,12 +169,14 @@ class Settler:
         inflight = ep.latest_epoch(self.conn, pool, (ep.PUBLISHING,))
         if inflight is None:
             # A crash between submit and mark_publishing leaves a live intent for a closed epoch.
-            candidate = ep.latest_epoch(self.conn, pool, (ep.CLOSED,))
-            if candidate is not None and self.txm.status(self.intent(candidate.epoch)).state != "none":
-                status = self.txm.status(self.intent(candidate.epoch))
-                if status.tx_hash and status.state != "failed":
-                    ep.mark_publishing(self.conn, pool, candidate.epoch, status.tx_hash)
-                    inflight = ep.get_epoch(self.conn, pool, candidate.epoch)
+            prefix = f"publish:{pool}:"
+            for intent in self.txm.open_intents():
+                if intent.startswith(prefix) and intent[len(prefix) :].isdigit():
+                    epoch = int(intent[len(prefix) :])
+                    status = self.txm.status(intent)
+                    if status.tx_hash:
+                        ep.mark_publishing(self.conn, pool, epoch, status.tx_hash)
+            inflight = ep.latest_epoch(self.conn, pool, (ep.PUBLISHING,))
         if inflight is not None:
             status = self.txm.step(self.intent(inflight.epoch))
             if status.state == "confirmed":
@@ -162,8 +192,11 @@ class Settler:
                     EPOCHS_SETTLED.labels(pool).inc()
                     events.append(("Normal", "EpochSettled", f"epoch {inflight.epoch} settled (found on chain)"))
                 else:
+                    self.txm.abandon(self.intent(inflight.epoch))
                     ep.reopen(self.conn, pool, inflight.epoch)
-                    events.append(("Warning", "PublicationFailed", f"epoch {inflight.epoch}: transaction {status.state}"))
+                    events.append(
+                        ("Warning", "PublicationFailed", f"epoch {inflight.epoch}: transaction {status.state}")
+                    )
             return events
         candidate = ep.latest_epoch(self.conn, pool, (ep.CLOSED,))
         if candidate is None:
@@ -176,14 +209,14 @@ class Settler:
             ep.commit_settlement(self.conn, pool, candidate.epoch, None)
             return events
         intent = self.intent(candidate.epoch)
-        if self.txm.status(intent).state == "failed" or self.txm.status(intent).state == "reverted":
-            intent = f"{intent}:retry{int(time.time())}"
         data = publish_calldata(candidate.epoch, bytes.fromhex(candidate.root[2:]), candidate.total)
         self._preflight(data)
         status = self.txm.submit(intent, self.config.distributor, data, PUBLISH_GAS)
         if status.tx_hash:
             ep.mark_publishing(self.conn, pool, candidate.epoch, status.tx_hash)
-            events.append(("Normal", "RootPublished", f"epoch {candidate.epoch} root {candidate.root} in {status.tx_hash}"))
+            events.append(
+                ("Normal", "RootPublished", f"epoch {candidate.epoch} root {candidate.root} in {status.tx_hash}")
+            )
         return events
 
     def _already_on_chain(self, row: ep.EpochRow) -> bool:
@@ -197,11 +230,14 @@ class Settler:
 
     # --------------------------------------------------------------- status
 
-    def status(self, current: int, reachable: bool = True, message: str = "", events: tuple[tuple[str, str, str], ...] = ()) -> PoolStatus:
+    def status(
+        self, current: int, reachable: bool = True, message: str = "", events: tuple[tuple[str, str, str], ...] = ()
+    ) -> PoolStatus:
         pool = self.config.pool
         settled = ep.latest_epoch(self.conn, pool, (ep.SETTLED,))
         last_tx = self.conn.execute(
-            "SELECT tx_hash FROM epochs WHERE pool = %s AND status = 'settled' AND tx_hash IS NOT NULL ORDER BY epoch DESC LIMIT 1",
+            "SELECT tx_hash FROM epochs WHERE pool = %s AND status = 'settled' AND tx_hash IS NOT NULL"
+            " ORDER BY epoch DESC LIMIT 1",
             (pool,),
         ).fetchone()
         newest = ep.latest_epoch(self.conn, pool, (ep.CLOSED, ep.PUBLISHING, ep.SETTLED, ep.SUPERSEDED))
@@ -233,7 +269,9 @@ def run(settler: Settler, stop: Any, interval_s: float = 1.0) -> None:
     while not stop.is_set():
         try:
             status = settler.step()
-            log.debug("settler pass", extra={"action": "settle.pass", "pool": settler.config.pool, "lag": status.lag_epochs})
+            log.debug(
+                "settler pass", extra={"action": "settle.pass", "pool": settler.config.pool, "lag": status.lag_epochs}
+            )
         except psycopg.OperationalError:
             log.warning("database unavailable", extra={"action": "settle.db_down", "pool": settler.config.pool})
         stop.wait(interval_s)

@@ -51,10 +51,10 @@ local function gcra(key, rate, burst, cost)
   local interval = 1000000 / rate
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
-  local new_tat = math.ceil(tat + interval * cost)
-  local allow_at = new_tat - interval * burst
-  if now < allow_at then return false, nil, math.ceil(allow_at - now) end
-  return true, new_tat, 0
+  local need = (tat - now) + interval * cost
+  local tolerance = interval * burst
+  if need > tolerance then return false, nil, math.ceil(need - tolerance) end
+  return true, now + math.ceil(need), 0
 end
 
 local function leave_queue()

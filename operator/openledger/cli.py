@@ -128,6 +128,12 @@ cli.add_command(db_group)
 cli.add_command(ledger_group)
 cli.add_command(ledger_worker)
 
+from openledger.settlement.commands import chain_group, claim_command, settler_group  # noqa: E402
+
+cli.add_command(chain_group)
+cli.add_command(settler_group)
+cli.add_command(claim_command)
+
 
 def main() -> None:
     cli()

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     metrics_port: int = 9108
     health_port: int = 8081
     gateway_port: int = 8080
+    # Settlement (issue 6): the operator's claim-proof server (0 = off) and settle cadence.
+    claims_port: int = 8091
+    settle_interval_s: float = 5.0
 
     # Gateway (`openledger gateway`). The usage stream is a setting so tests can isolate it.
     gateway_metrics_port: int = 9109

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class TxState(str, Enum):
+class TxState(StrEnum):
     SIGNED = "signed"  # persisted, maybe broadcast (we crash-safely assume "maybe")
     BROADCAST = "broadcast"  # the node accepted it at least once
     MINED = "mined"  # a receipt was seen (block recorded)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from eth_abi import encode
+from eth_abi.abi import encode
 from web3 import Web3
 
 from openledger.settlement.chain.rpc import Chain
@@ -24,7 +24,9 @@ def _selector(signature: str) -> bytes:
 
 
 def publish_calldata(epoch: int, root: bytes, cumulative_total: int) -> bytes:
-    return _selector("publish(uint256,bytes32,uint256)") + encode(["uint256", "bytes32", "uint256"], [epoch, root, cumulative_total])
+    return _selector("publish(uint256,bytes32,uint256)") + encode(
+        ["uint256", "bytes32", "uint256"], [epoch, root, cumulative_total]
+    )
 
 
 def claim_calldata(account: str, cumulative_amount: int, proof: list[bytes]) -> bytes:

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from web3 import Web3
-from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
 
 from openledger.settlement.chain.decisions import Receipt
-from openledger.settlement.errors import ChainUnavailable
+from openledger.settlement.errors import ChainUnavailable, ContractReverted
 from openledger.settlement.metrics import CHAIN_ERRORS
 
 T = TypeVar("T")
@@ -48,9 +48,15 @@ class Chain:
             return fn()
         except (TransactionNotFound, ChainUnavailable):
             raise
+        except ContractLogicError as exc:
+            raise ContractReverted(f"{operation} reverted: {str(exc)[:200]}") from None
+        except Web3RPCError as exc:  # the node's own reply: it carries no URL
+            CHAIN_ERRORS.labels(operation).inc()
+            raise ChainUnavailable(f"chain RPC {operation} failed: {str(exc)[:200]}") from None
         except Exception as exc:  # noqa: BLE001 - every node failure is translated here, once
             CHAIN_ERRORS.labels(operation).inc()
-            raise ChainUnavailable(f"chain RPC {operation} failed: {type(exc).__name__}: {str(exc)[:200]}") from None
+            # Transport errors quote the URL (which may embed an API key): only the type is kept.
+            raise ChainUnavailable(f"chain RPC {operation} failed: {type(exc).__name__}") from None
 
     def chain_id(self) -> int:
         return int(self._call("chain_id", lambda: self.w3.eth.chain_id))

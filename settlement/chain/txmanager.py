@@ -106,6 +106,13 @@ _SELECT = (
 )
 
 
+_INSERT = (
+    "INSERT INTO settlement_txs (intent, chain_id, sender, nonce, attempt, tx_hash, raw_tx, to_address, data,"
+    " gas, max_fee_per_gas, max_priority_fee_per_gas, state)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'signed')"
+)
+
+
 def _row(r: tuple[Any, ...]) -> _Row:
     return _Row(
         r[0],
@@ -169,6 +176,13 @@ class TxManager:
         mined = next((r for r in family if r.block_hash is not None), family[-1])
         return TxStatus(intent, "pending", mined.tx_hash, mined.nonce, mined.block_number, mined.state)
 
+    def abandon(self, intent: str) -> None:
+        """Give up the live family of ``intent`` (it reverted): a later ``submit`` signs a new nonce."""
+        self.conn.execute(
+            "UPDATE settlement_txs SET state = 'failed', updated_at = now() WHERE intent = %s AND state <> 'failed'",
+            (intent,),
+        )
+
     def open_intents(self) -> list[str]:
         rows = self.conn.execute(
             "SELECT DISTINCT intent FROM settlement_txs WHERE chain_id = %s AND sender = %s AND state = ANY(%s)",
@@ -215,13 +229,13 @@ class TxManager:
             nonce = max(int(row[0]), chain_nonce)
             tx_hash, raw = self._sign(nonce, to, data, gas, fees)
             self.conn.execute(
-                "INSERT INTO settlement_txs (intent, chain_id, sender, nonce, attempt, tx_hash, raw_tx, to_address, data,"
-                " gas, max_fee_per_gas, max_priority_fee_per_gas, state) VALUES (%s,%s,%s,%s,0,%s,%s,%s,%s,%s,%s,%s,'signed')",
+                _INSERT,
                 (
                     intent,
                     self.chain_id,
                     self.sender,
                     nonce,
+                    0,
                     tx_hash,
                     raw,
                     to.lower(),
@@ -300,8 +314,7 @@ class TxManager:
             newest = family[-1]
             tx_hash, raw = self._sign(newest.nonce, newest.to_address, newest.data, newest.gas, action.fees)
             self.conn.execute(
-                "INSERT INTO settlement_txs (intent, chain_id, sender, nonce, attempt, tx_hash, raw_tx, to_address, data,"
-                " gas, max_fee_per_gas, max_priority_fee_per_gas, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,'signed')",
+                _INSERT,
                 (
                     intent,
                     self.chain_id,
@@ -337,8 +350,8 @@ class TxManager:
             state = TxState.CONFIRMED.value if isinstance(action, Confirm) else TxState.MINED.value
             with self.conn.transaction():
                 self.conn.execute(
-                    "UPDATE settlement_txs SET state = 'replaced', block_number = NULL, block_hash = NULL, updated_at = now()"
-                    " WHERE id = ANY(%s) AND tx_hash <> %s",
+                    "UPDATE settlement_txs SET state = 'replaced', block_number = NULL, block_hash = NULL,"
+                    " updated_at = now() WHERE id = ANY(%s) AND tx_hash <> %s",
                     (ids, receipt.tx_hash),
                 )
                 self.conn.execute(
@@ -357,8 +370,8 @@ class TxManager:
             REORGS.inc()
             log.warning("reorg: receipt gone", extra={"action": "tx.reorg", **extra, "tx_hash": action.tx_hash})
             self.conn.execute(
-                "UPDATE settlement_txs SET state = 'broadcast', block_number = NULL, block_hash = NULL, receipt_status = NULL,"
-                " updated_at = now() WHERE id = ANY(%s)",
+                "UPDATE settlement_txs SET state = 'broadcast', block_number = NULL, block_hash = NULL,"
+                " receipt_status = NULL, updated_at = now() WHERE id = ANY(%s)",
                 (ids,),
             )
             return

@@ -17,6 +17,8 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from openledger.settlement.ledger import split as sp
 from openledger.settlement.ledger.errors import PoisonEvent, invariant
@@ -53,6 +55,7 @@ IDENTITY_COLUMNS: tuple[str, ...] = ("event_id", *WIRE_FIELDS[1:])
 
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_POOL = re.compile(r"(?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?)?")
 _OUTCOMES = frozenset(o.encode() for o in OUTCOMES)
 _OK = b"ok"
 _UNSAFE = b"\t\n\r\\\x00"
@@ -60,6 +63,17 @@ _BIGINT_MAX = 2**63 - 1
 _MONEY_DIGITS = 78
 _HOUR_MS = 3_600_000
 _SHAPE_CACHE_MAX = 100_000
+# The fast path checks, with one regular expression over them joined by "|": the id
+# (canonical lower-case UUID), then decimals, per_request, per_input_token,
+# per_output_token, input_tokens, output_tokens, cost, started_at_ms, finished_at_ms,
+# fee_bps as plain digits of bounded length (18 for BIGINT columns, so no overflow
+# check is needed), and an empty ``extra``. Anything else takes the precise path.
+_fast_checked = itemgetter(0, 6, 7, 8, 9, 10, 11, 12, 14, 15, 18, 19)
+_FAST = re.compile(
+    rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    rb"\|\d{1,2}\|\d{1,78}\|\d{1,78}\|\d{1,78}\|\d{1,18}\|\d{1,18}\|\d{1,78}\|\d{1,18}\|\d{1,18}\|\d{1,5}\|"
+)
+_new_record = tuple.__new__
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,29 +89,21 @@ class Shape:
     contributor_bps: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class EventRecord:
+class EventRecord(NamedTuple):
+    """One checked event (a tuple: built tens of thousands of times a second)."""
+
     event_id: bytes  # canonical lower-case UUID text
     stream_id: bytes
     body: bytes  # the identity columns, tab-separated, COPY-escaped
     shape: Shape
     cost: int
-    agent: str
+    agent: bytes
     hour: int  # finished_at_ms // 3600000
 
     @property
     def line(self) -> bytes:
         """The COPY line without its trailing entry id."""
         return self.body + b"\t" + self.stream_id + b"\t"
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An entry that can never be posted (``reason`` names the field)."""
-
-    stream_id: bytes
-    fields: dict[str, str]
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -150,10 +156,49 @@ class Parser:
 
     def __init__(self) -> None:
         self._shapes: dict[tuple[bytes, bytes, bytes, bytes, bytes], Shape] = {}
+        # (payer, owner, pool, fee_bps, contributors, three prices) -> (shape, prices as ints)
+        self._cache: dict[tuple[bytes, ...], tuple[Shape, int, int, int]] = {}
 
     def parse(self, stream_id: bytes, kv: list[bytes]) -> EventRecord:
-        """One entry (its flat ``[k1, v1, k2, v2, …]`` list) → record; raises ``PoisonEvent``."""
+        """One entry (its flat ``[k1, v1, k2, v2, …]`` list) → record; raises ``PoisonEvent``.
+
+        The fast path checks all ten integer fields with one regular expression
+        and caches price and split shapes; anything unusual takes the precise
+        path, which names the offending field.
+        """
         values = kv[1::2] if kv[0::2] == _WIRE_KEYS else self._reorder(kv)
+        outcome = values[13]
+        if _FAST.fullmatch(b"|".join(_fast_checked(values))) is None or outcome not in _OUTCOMES or not values[1]:
+            return self._parse_precisely(stream_id, values)
+        key = (values[2], values[4], values[17], values[18], values[16], values[7], values[8], values[9])
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache_shape(key)
+        shape, per_request, per_input, per_output = cached
+        cost = int(values[12])
+        if cost != (
+            (per_request + int(values[10]) * per_input + int(values[11]) * per_output) if outcome == _OK else 0
+        ):
+            return self._parse_precisely(stream_id, values)
+        # Every other field is checked above or by the shape cache; these three are free text.
+        text = values[1] + values[3] + values[5]
+        if b"\t" in text or b"\\" in text or b"\n" in text or b"\r" in text or b"\x00" in text:
+            return self._parse_precisely(stream_id, values)
+        body = b"\t".join(values)
+        return _new_record(
+            EventRecord, (values[0], stream_id, body, shape, cost, values[1], int(values[15]) // _HOUR_MS)
+        )
+
+    def _cache_shape(self, key: tuple[bytes, ...]) -> tuple[Shape, int, int, int]:
+        shape = self._shapes.get(key[:5])
+        if shape is None:
+            shape = self._shape(*key[:5])
+        if len(self._cache) >= _SHAPE_CACHE_MAX:
+            self._cache.clear()
+        cached = self._cache[key] = (shape, int(key[5]), int(key[6]), int(key[7]))
+        return cached
+
+    def _parse_precisely(self, stream_id: bytes, values: list[bytes]) -> EventRecord:
         (eid, agent, payer, _model, owner, _token, decimals, per_req, per_in, per_out, tok_in, tok_out, cost_b, outcome,
          started, finished, contributors, pool, fee_bps, extra) = values  # fmt: skip
         eid = eid.lower()
@@ -191,7 +236,7 @@ class Parser:
         body = b"\t".join(values)
         if len(body.translate(None, _UNSAFE)) != len(body) - 19:
             body = self._escaped(values)
-        return EventRecord(eid, stream_id, body, shape, cost, agent.decode(), hour)
+        return EventRecord(eid, stream_id, body, shape, cost, agent, hour)
 
     def _reorder(self, kv: list[bytes]) -> list[bytes]:
         fields = dict(zip(kv[0::2], kv[1::2], strict=False))
@@ -217,6 +262,8 @@ class Parser:
         for name, address in (("payer", payer), ("owner", owner)):
             if not _ADDRESS.fullmatch(address):
                 raise PoisonEvent(f"usage event: field {name!r} is not an address (0x + 40 hex): {address[:50]!r}")
+        if not _POOL.fullmatch(pool):
+            raise PoisonEvent(f"usage event: field 'pool' is not '' or 'namespace/name': {pool[:80]!r}")
         fee_bps = _digits(fee_b, "fee_bps", 5)
         accounts: list[str] = []
         shares: list[int] = []
@@ -285,6 +332,7 @@ class BatchPlan:
     records: list[EventRecord]
     entries: list[PoolEntry]  # ordered by pool; only pools with a non-zero posting
     spend: dict[tuple[str, int], list[int]]  # (agent, hour) -> [amount, events]
+    pool_lines: dict[str, list[bytes]]  # COPY lines (without entry id) of the posted events, per pool
     unposted_lines: list[bytes]  # cost-0 events: no entry
 
     @property
@@ -294,15 +342,10 @@ class BatchPlan:
     def copy_data(self, first_entry_id: int) -> bytes:
         """The usage_events COPY text: each line ends with its entry id (``\\N`` when it cost 0)."""
         chunks: list[bytes] = []
-        by_pool: dict[str, list[bytes]] = {}
-        for r in self.records:
-            if r.cost:
-                by_pool.setdefault(r.shape.pool, []).append(r.body + b"\t" + r.stream_id + b"\t")
+        invariant(len(self.pool_lines) == len(self.entries), "every pool with events has one entry")
         for entry in self.entries:
-            lines = by_pool.pop(entry.pool)
             tail = b"%d\n" % (first_entry_id + entry.entry_offset)
-            chunks.append(tail.join(lines) + tail)
-        invariant(not by_pool, f"events of pools {sorted(by_pool)} have no entry")
+            chunks.append(tail.join(self.pool_lines[entry.pool]) + tail)
         if self.unposted_lines:
             chunks.append(b"\\N\n".join(self.unposted_lines) + b"\\N\n")
         return b"".join(chunks)
@@ -315,51 +358,79 @@ class BatchPlan:
         return {a: d for a, d in sorted(deltas.items()) if d}
 
 
-def assemble(records: list[EventRecord]) -> BatchPlan:
-    """Aggregate a batch: per pool one entry, per account one posting; checks every entry balances."""
-    totals: dict[Shape, list[int]] = {}
-    counts: dict[str, int] = {}
-    spend: dict[tuple[str, int], list[int]] = {}
-    unposted: list[bytes] = []
-    for r in records:
-        key = (r.agent, r.hour)
-        s = spend.get(key)
+class BatchBuilder:
+    """Accumulates records as the reader parses them (one pass), then ``plan()``.
+
+    Per split shape it sums the cost, the fee, the owner's and each
+    contributor's amounts of every event (each event split on its own), and
+    keeps the event's COPY line.
+    """
+
+    __slots__ = ("_shapes", "_spend", "_unposted", "records")
+
+    def __init__(self) -> None:
+        self.records: list[EventRecord] = []
+        # shape -> [cost, fee, owner, events, lines, contributor 1, contributor 2, …]
+        self._shapes: dict[Shape, list[Any]] = {}
+        self._spend: dict[tuple[bytes, int], list[int]] = {}
+        self._unposted: list[bytes] = []
+
+    def add(self, record: EventRecord) -> None:
+        self.records.append(record)
+        _eid, sid, body, shape, c, agent, hour = record
+        s = self._spend.get((agent, hour))
         if s is None:
-            spend[key] = [r.cost, 1]
+            self._spend[(agent, hour)] = [c, 1]
         else:
-            s[0] += r.cost
+            s[0] += c
             s[1] += 1
-        c = r.cost
         if not c:
-            unposted.append(r.body + b"\t" + r.stream_id + b"\t")
-            continue
-        shape = r.shape
-        t = totals.get(shape)
+            self._unposted.append(body + b"\t" + sid + b"\t")
+            return
+        t = self._shapes.get(shape)
         if t is None:
-            t = totals[shape] = [0] * (3 + len(shape.contributor_bps))
+            t = self._shapes[shape] = [0, 0, 0, 0, [], *([0] * len(shape.contributor_bps))]
         fee = c * shape.fee_bps // 10_000
         rest = c - fee
-        owner = rest
-        i = 3
-        for bps in shape.contributor_bps:
-            part = rest * bps // 10_000
-            t[i] += part
-            owner -= part
-            i += 1
         t[0] += c
         t[1] += fee
+        t[3] += 1
+        t[4].append(body + b"\t" + sid + b"\t")
+        owner = rest
+        if shape.contributor_bps:
+            i = 5
+            for bps in shape.contributor_bps:
+                part = rest * bps // 10_000
+                t[i] += part
+                owner -= part
+                i += 1
         t[2] += owner
-        counts[shape.pool] = counts.get(shape.pool, 0) + 1
-    per_pool: dict[str, dict[str, int]] = {}
-    for shape, t in totals.items():
-        postings = per_pool.setdefault(shape.pool, {})
-        lines = [(shape.payer_account, -t[0]), (shape.fee_account, t[1]), (shape.owner_account, t[2])]
-        lines += list(zip(shape.contributor_accounts, t[3:], strict=True))
-        for account, amount in lines:
-            postings[account] = postings.get(account, 0) + amount
-    entries = []
-    for offset, pool in enumerate(sorted(per_pool)):
-        postings = {a: v for a, v in sorted(per_pool[pool].items()) if v}
-        invariant(sum(postings.values()) == 0, f"entry of pool {pool!r} sums to {sum(postings.values())}, not 0")
-        entries.append(PoolEntry(pool, offset, counts[pool], postings))
-    return BatchPlan(records, entries, spend, unposted)
+
+    def plan(self) -> BatchPlan:
+        """Per pool one entry, per account one posting; checks that every entry balances."""
+        per_pool: dict[str, dict[str, int]] = {}
+        counts: dict[str, int] = {}
+        pool_lines: dict[str, list[bytes]] = {}
+        for shape, t in self._shapes.items():
+            postings = per_pool.setdefault(shape.pool, {})
+            lines = [(shape.payer_account, -t[0]), (shape.fee_account, t[1]), (shape.owner_account, t[2])]
+            lines += list(zip(shape.contributor_accounts, t[5:], strict=True))
+            for account, amount in lines:
+                postings[account] = postings.get(account, 0) + amount
+            counts[shape.pool] = counts.get(shape.pool, 0) + t[3]
+            pool_lines.setdefault(shape.pool, []).extend(t[4])
+        entries = []
+        for offset, pool in enumerate(sorted(per_pool)):
+            postings = {a: v for a, v in sorted(per_pool[pool].items()) if v}
+            invariant(sum(postings.values()) == 0, f"entry of pool {pool!r} sums to {sum(postings.values())}, not 0")
+            entries.append(PoolEntry(pool, offset, counts[pool], postings))
+        spend = {(a.decode(), h): v for (a, h), v in self._spend.items()}
+        return BatchPlan(self.records, entries, spend, pool_lines, self._unposted)
+
+
+def assemble(records: list[EventRecord]) -> BatchPlan:
+    """The plan of a list of records (what the reader builds incrementally)."""
+    builder = BatchBuilder()
+    for record in records:
+        builder.add(record)
+    return builder.plan()

@@ -30,12 +30,20 @@ Conn = psycopg.Connection[Any]
 
 
 def journal_cutoff(conn: Conn) -> int:
-    """The highest committed journal id, stable for the rest of the caller's transaction (0 when empty)."""
-    row = conn.execute(
-        "SELECT pg_advisory_xact_lock(%s), (SELECT coalesce(max(id), 0) FROM journal_entries)", (JOURNAL_LOCK_KEY,)
-    ).fetchone()
+    """The highest committed journal id, stable for the rest of the caller's transaction (0 when empty).
+
+    Needs READ COMMITTED (the default): the id is read by a second statement, so
+    its snapshot includes every batch that committed while the lock was awaited.
+    """
+    isolation = conn.execute("SELECT current_setting('transaction_isolation')").fetchone()
+    if not isolation or isolation[0] != "read committed":
+        raise LedgerError(
+            f"journal_cutoff needs a READ COMMITTED transaction, not {isolation[0] if isolation else '?'}"
+        )
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (JOURNAL_LOCK_KEY,))
+    row = conn.execute("SELECT coalesce(max(id), 0) FROM journal_entries").fetchone()
     assert row is not None
-    return int(row[1])
+    return int(row[0])
 
 
 def cumulative_earnings(conn: Conn, pool: str, up_to_entry_id: int) -> dict[str, int]:

@@ -65,6 +65,36 @@ class RawRedis:
             finally:
                 self._sock = None
 
+    def send(self, *args: Arg) -> None:
+        """Send one command without waiting; ``receive`` reads its reply (one in flight at a time)."""
+        sock = self._sock or self._connect()
+        try:
+            sock.sendall(_encode(args))
+        except OSError:
+            self.close()
+            raise
+
+    def receive(self, timeout_s: float | None = None) -> Any:
+        """The reply of the command ``send`` sent."""
+        sock = self._sock
+        if sock is None:
+            raise ConnectionError(f"redis {self.host}:{self.port}: connection lost before the reply")
+        try:
+            sock.settimeout(timeout_s if timeout_s is not None else self.timeout_s)
+            reply = self._reader.gets()
+            while reply is False:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    raise ConnectionError(f"redis {self.host}:{self.port} closed the connection")
+                self._reader.feed(chunk)
+                reply = self._reader.gets()
+        except (OSError, ConnectionError):
+            self.close()
+            raise
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisReplyError(str(reply))
+        return reply
+
     def execute(self, *args: Arg, timeout_s: float | None = None) -> Any:
         return self.pipeline([args], timeout_s=timeout_s)[0]
 

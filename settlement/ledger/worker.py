@@ -35,6 +35,8 @@ import psycopg
 from openledger.settlement.ledger import metrics as m
 from openledger.settlement.ledger.errors import InvariantViolation, PoisonEvent
 from openledger.settlement.ledger.ingest import (
+    BatchBuilder,
+    BatchPlan,
     Conflict,
     EventRecord,
     Parser,
@@ -44,7 +46,7 @@ from openledger.settlement.ledger.ingest import (
 )
 from openledger.settlement.ledger.models import JOURNAL_ID_BLOCK
 from openledger.settlement.ledger.redisraw import RawRedis, RedisReplyError
-from openledger.settlement.ledger.writer import BatchWriter, WriteResult
+from openledger.settlement.ledger.writer import BatchWriter, WriteResult, record_fields
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ class WorkerConfig:
     verify_interval_s: float = 0.0
     stop_timeout_s: float = 30.0  # how long a stopping worker keeps retrying its last batch
     retry_max_s: float = 5.0  # backoff cap for temporary errors
+    # Testing only: widen a crash window (see settings.ledger_test_pause_*).
+    test_pause_s: float = 0.0
+    test_pause_at: str = "after_commit"
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> WorkerConfig:
@@ -83,6 +88,8 @@ class WorkerConfig:
             claim_interval_s=s.ledger_claim_interval_s,
             max_deliveries=s.ledger_max_deliveries,
             verify_interval_s=s.ledger_verify_interval_s,
+            test_pause_s=s.ledger_test_pause_s,
+            test_pause_at=s.ledger_test_pause_at,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -90,12 +97,11 @@ class WorkerConfig:
 
 @dataclass
 class Batch:
-    records: list[EventRecord]
+    plan: BatchPlan
     ack_ids: list[bytes]  # every entry to XACK after COMMIT (records, in-batch duplicates, conflicts)
     conflicts: list[Conflict]
     duplicates: int  # in-batch duplicates
     deliveries: dict[bytes, int]  # stream id -> delivery count (claimed entries; absent means 1)
-    kv_by_id: dict[bytes, list[bytes]]  # raw fields, for dead-lettering a record the database rejects
     oldest_ms: int
 
 
@@ -121,7 +127,13 @@ class LedgerWorker:
         self.config = config
         self.parser = Parser()
         self.redis = RawRedis(config.redis_url, timeout_s=max(10.0, config.block_ms / 1000 + 5))
-        self.writer = BatchWriter(config.database_url)
+        # XREADGROUP has its own connection so the next read is in flight while a batch is parsed.
+        self.reader = RawRedis(config.redis_url, timeout_s=max(10.0, config.block_ms / 1000 + 5))
+        self._read_in_flight = False
+        before_commit = None
+        if config.test_pause_s and config.test_pause_at == "before_commit":
+            before_commit = self._test_pause
+        self.writer = BatchWriter(config.database_url, before_commit=before_commit)
         self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
         self._writer_error: BaseException | None = None
         self._claim_cursor = b"0-0"
@@ -155,11 +167,14 @@ class LedgerWorker:
                 except (ConnectionError, OSError) as exc:
                     log.warning("redis unavailable; retrying", extra={"action": "redis_retry", "error": str(exc)})
                     stop.wait(0.5)
+            if self._writer_error is None:
+                self._drain_prefetch()
         finally:
             self._stop_requested.set()
             self._queue.put(None)
             writer.join(cfg.stop_timeout_s + 5)
             self.redis.close()
+            self.reader.close()
             self.writer.close()
         if self._writer_error is not None:
             raise self._writer_error
@@ -175,24 +190,51 @@ class LedgerWorker:
         if cfg.verify_interval_s and now >= self._next_verify:
             self._next_verify = now + cfg.verify_interval_s
             self._quick_verify()
-        reply = self.redis.execute(
-            "XREADGROUP", "GROUP", cfg.group, cfg.consumer, "COUNT", cfg.batch_size, "BLOCK", cfg.block_ms,
-            "STREAMS", cfg.stream, ">",
-        )  # fmt: skip
+        reply = self._read()
         if not reply:
             if self._queue.empty():
                 m.INGEST_LAG_SECONDS.set(0)
             return
         self._process(reply[0][1], {})
 
+    def _read(self, prefetch: bool = True) -> Any:
+        """The next entries; then sends the following XREADGROUP so Redis prepares it while we parse."""
+        cfg = self.config
+        command = ("XREADGROUP", "GROUP", cfg.group, cfg.consumer, "COUNT", cfg.batch_size, "BLOCK", cfg.block_ms,
+                   "STREAMS", cfg.stream, ">")  # fmt: skip
+        try:
+            if not self._read_in_flight:
+                self.reader.send(*command)
+                self._read_in_flight = True
+            reply = self.reader.receive()
+            self._read_in_flight = False
+            if reply and prefetch:
+                self.reader.send(*command)
+                self._read_in_flight = True
+            return reply
+        except (OSError, ConnectionError):
+            self._read_in_flight = False
+            raise
+
+    def _drain_prefetch(self) -> None:
+        """On stop: process what the read in flight brings (it is already pending for this consumer)."""
+        if not self._read_in_flight:
+            return
+        try:
+            reply = self._read(prefetch=False)
+        except (OSError, ConnectionError, RedisReplyError):
+            return  # left pending; reclaimed later by XAUTOCLAIM
+        if reply:
+            self._process(reply[0][1], {})
+
     # ---------------------------------------------------------------- reading
 
     def _process(self, entries: list[list[Any]], deliveries: dict[bytes, int]) -> None:
-        records: list[EventRecord] = []
+        builder = BatchBuilder()
+        add = builder.add
         seen: dict[bytes, bytes] = {}
         ack_ids: list[bytes] = []
         conflicts: list[Conflict] = []
-        kv_by_id: dict[bytes, list[bytes]] = {}
         duplicates = 0
         parse = self.parser.parse
         for stream_id, kv in entries:
@@ -204,11 +246,9 @@ class LedgerWorker:
             except PoisonEvent as exc:
                 self._poison(stream_id, kv, explain_rejection(kv, exc), deliveries.get(stream_id, 1))
                 continue
-            previous = seen.get(record.event_id)
-            if previous is None:
-                seen[record.event_id] = record.body
-                records.append(record)
-                kv_by_id[stream_id] = kv
+            previous = seen.setdefault(record.event_id, record.body)
+            if previous is record.body:
+                add(record)
             elif previous == record.body:
                 duplicates += 1
             else:
@@ -219,8 +259,8 @@ class LedgerWorker:
             ack_ids.append(stream_id)
         if not ack_ids:
             return
-        oldest = min(_stream_ms(e[0]) for e in entries)
-        self._put(Batch(records, ack_ids, conflicts, duplicates, deliveries, kv_by_id, oldest))
+        oldest = _stream_ms(entries[0][0])  # entries come in stream order
+        self._put(Batch(builder.plan(), ack_ids, conflicts, duplicates, deliveries, oldest))
 
     def _put(self, batch: Batch) -> None:
         while self._writer_error is None:
@@ -330,9 +370,11 @@ class LedgerWorker:
         started = time.monotonic()
         result, ack_ids = self._write(batch, ack_client)
         m.BATCH_SECONDS.observe(time.monotonic() - started)
+        if self.config.test_pause_s and self.config.test_pause_at == "after_commit":
+            self._test_pause()
         self._ack(ack_client, ack_ids)
         self.committed_events += result.inserted
-        m.BATCH_SIZE.observe(len(batch.records))
+        m.BATCH_SIZE.observe(len(batch.plan.records))
         m.EVENTS.inc(result.inserted)
         m.POSTINGS.inc(result.postings)
         m.DUPLICATES.inc(result.duplicates + batch.duplicates)
@@ -342,27 +384,27 @@ class LedgerWorker:
     def _write(self, batch: Batch, ack_client: RawRedis) -> tuple[WriteResult, list[bytes]]:
         """Write with retries; a record the database refuses is isolated by bisection and left pending."""
         try:
-            return self._write_retrying(batch.records, batch.conflicts), batch.ack_ids
+            return self._write_retrying(batch.plan, batch.conflicts), batch.ack_ids
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, InvariantViolation) as exc:
             if isinstance(exc, InvariantViolation):
                 raise
             log.warning("batch refused by the database; isolating", extra={"action": "isolate", "error": str(exc)})
         total = WriteResult()
         refused: set[bytes] = set()
-        self._bisect(batch.records, batch, total, refused, ack_client)
-        self._write_retrying([], batch.conflicts)
+        self._bisect(batch.plan.records, batch, total, refused, ack_client)
+        self._write_retrying(assemble([]), batch.conflicts)
         return total, [i for i in batch.ack_ids if i not in refused]
 
     def _bisect(
         self, records: list[EventRecord], batch: Batch, total: WriteResult, refused: set[bytes], ack_client: RawRedis
     ) -> None:
         try:
-            result = self._write_retrying(records, [])
+            result = self._write_retrying(assemble(records), [])
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
             if len(records) == 1:
                 record = records[0]
                 refused.add(record.stream_id)
-                kv = batch.kv_by_id[record.stream_id]
+                kv = [x for name, value in record_fields(record).items() for x in (name.encode(), value.encode())]
                 reason = f"database refused the event: {str(exc).splitlines()[0]}"
                 self._poison_from_writer(
                     record.stream_id, kv, reason, batch.deliveries.get(record.stream_id, 1), ack_client
@@ -387,14 +429,13 @@ class LedgerWorker:
                 extra={"action": "reject", "stream_id": stream_id.decode(), "reason": reason},
             )
 
-    def _write_retrying(self, records: list[EventRecord], conflicts: list[Conflict]) -> WriteResult:
-        if not records and not conflicts:
+    def _write_retrying(self, plan: BatchPlan, conflicts: list[Conflict]) -> WriteResult:
+        if not plan.records and not conflicts:
             return WriteResult()
-        plan = assemble(records)
         if plan.entry_count > JOURNAL_ID_BLOCK:  # one id block per transaction: split the batch
-            half = len(records) // 2
-            first = self._write_retrying(records[:half], conflicts)
-            second = self._write_retrying(records[half:], [])
+            half = len(plan.records) // 2
+            first = self._write_retrying(assemble(plan.records[:half]), conflicts)
+            second = self._write_retrying(assemble(plan.records[half:]), [])
             first.inserted += second.inserted
             first.duplicates += second.duplicates
             first.postings += second.postings
@@ -420,6 +461,10 @@ class LedgerWorker:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
+
+    def _test_pause(self) -> None:
+        log.warning("test pause", extra={"action": "test_pause", "at": self.config.test_pause_at})
+        time.sleep(self.config.test_pause_s)
 
     def _stopping(self) -> bool:
         return self._stop_requested.is_set()

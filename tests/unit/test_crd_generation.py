@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from openledger.controllers import api
-from openledger.controllers.commands import DEFAULT_CRD_DIR, generated_files, stale_files
+from openledger.controllers.commands import CHART_CRD_DIR, DEFAULT_CRD_DIR, generated_files, stale_files
 from openledger.money import MONEY_PATTERN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,7 @@ def _walk(schema: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]
 def test_committed_crd_yaml_is_not_stale() -> None:
     assert DEFAULT_CRD_DIR == ROOT / "crds"
     assert stale_files(DEFAULT_CRD_DIR) == [], "run `openledger crds generate` and commit crds/"
+    assert stale_files(CHART_CRD_DIR) == [], "run `openledger crds generate` (the chart ships the same CRDs)"
 
 
 def test_stale_check_notices_a_hand_edit(tmp_path: Path) -> None:

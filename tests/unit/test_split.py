@@ -45,7 +45,14 @@ def test_rounding_remainder_lands_on_the_owner_and_is_smaller_than_one_unit_per_
     assert 0 <= split.owner - exact_owner_share <= len(parts)
 
 
-@given(cost=COST, payer=ADDR, owner=ADDR, pool=st.sampled_from(["", "ns/pool", "b/p2"]), fee_shares=shares(), data=st.data())
+@given(
+    cost=COST,
+    payer=ADDR,
+    owner=ADDR,
+    pool=st.sampled_from(["", "ns/pool", "b/p2"]),
+    fee_shares=shares(),
+    data=st.data(),
+)
 def test_every_event_entry_balances_to_zero(
     cost: int, payer: str, owner: str, pool: str, fee_shares: tuple[int, list[int]], data: st.DataObject
 ) -> None:

@@ -29,7 +29,9 @@ POLICY = FeePolicy(priority_fee=10**9, max_fee_cap=100 * 10**9, stuck_after_s=30
 GWEI = 10**9
 
 
-def attempt(n: int = 0, *, fee: int = 10 * GWEI, tip: int = GWEI, age: float = 1.0, block: tuple[int, str] | None = None) -> Attempt:
+def attempt(
+    n: int = 0, *, fee: int = 10 * GWEI, tip: int = GWEI, age: float = 1.0, block: tuple[int, str] | None = None
+) -> Attempt:
     return Attempt(
         tx_hash=f"0x{n:064x}",
         attempt=n,
@@ -42,10 +44,17 @@ def attempt(n: int = 0, *, fee: int = 10 * GWEI, tip: int = GWEI, age: float = 1
     )
 
 
-def obs(*, head: int = 100, mined_nonce: int = 5, base_fee: int = GWEI, receipts: dict[str, Receipt] | None = None,
-        in_pool: set[str] | None = None) -> Observation:
-    return Observation(head=head, mined_nonce=mined_nonce, base_fee=base_fee, receipts=receipts or {},
-                       in_pool=frozenset(in_pool or ()))
+def obs(
+    *,
+    head: int = 100,
+    mined_nonce: int = 5,
+    base_fee: int = GWEI,
+    receipts: dict[str, Receipt] | None = None,
+    in_pool: set[str] | None = None,
+) -> Observation:
+    return Observation(
+        head=head, mined_nonce=mined_nonce, base_fee=base_fee, receipts=receipts or {}, in_pool=frozenset(in_pool or ())
+    )
 
 
 def receipt(a: Attempt, block: int = 99, block_hash: str = "0xb1", status: int = 1) -> Receipt:

@@ -86,7 +86,9 @@ def db_conn(settle_db: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
 
 
 @pytest.fixture
-def txmanager(db_conn: psycopg.Connection[tuple[object, ...]], chain: Chain, signer: Signer, policy: FeePolicy) -> TxManager:
+def txmanager(
+    db_conn: psycopg.Connection[tuple[object, ...]], chain: Chain, signer: Signer, policy: FeePolicy
+) -> TxManager:
     return TxManager(db_conn, chain, signer.key, chain.chain_id(), policy)
 
 

@@ -56,6 +56,9 @@ def test_dropped_transaction_is_rebroadcast_with_the_same_nonce(
 def test_base_fee_spike_bumps_fees_by_at_least_ten_percent(
     txmanager: TxManager, deployment: Deployment, chain: Chain, db_conn: psycopg.Connection[tuple[object, ...]]
 ) -> None:
+    from openledger.settlement.metrics import FEE_BUMPS
+
+    bumps_before = FEE_BUMPS._value.get()
     chain.rpc("evm_setAutomine", [False])
     tx_hash = publish(txmanager, deployment, 1)
     first_fee = int(db_conn.execute("SELECT max_fee_per_gas FROM settlement_txs").fetchone()[0])  # type: ignore[index]
@@ -66,6 +69,7 @@ def test_base_fee_spike_bumps_fees_by_at_least_ten_percent(
     status = txmanager.step("publish:test:1")
     fees = [int(r[0]) for r in db_conn.execute("SELECT max_fee_per_gas FROM settlement_txs ORDER BY attempt")]
     assert len(fees) >= 2 and fees[1] >= fees[0] * 110 // 100
+    assert FEE_BUMPS._value.get() >= bumps_before + 1
     mine(chain, 3)
     status = txmanager.wait("publish:test:1", timeout_s=20)
     assert status.state == "confirmed"
@@ -95,7 +99,11 @@ def test_reorg_that_removes_the_receipt_resubmits_and_confirms(
 
 
 def test_restart_after_broadcast_before_recording_waits_then_records(
-    db_conn: psycopg.Connection[tuple[object, ...]], deployment: Deployment, chain: Chain, signer: Signer, policy: FeePolicy
+    db_conn: psycopg.Connection[tuple[object, ...]],
+    deployment: Deployment,
+    chain: Chain,
+    signer: Signer,
+    policy: FeePolicy,
 ) -> None:
     chain.rpc("evm_setAutomine", [False])
     first = TxManager(db_conn, chain, signer.key, chain.chain_id(), policy)
@@ -119,8 +127,16 @@ def test_foreign_transaction_on_our_nonce_fails_the_family(
     chain.rpc("anvil_dropTransaction", [tx_hash])
     # Someone else with the same key sends a plain transfer on that nonce.
     nonce = chain.nonce(signer.address)
-    tx = {"type": 2, "chainId": chain.chain_id(), "nonce": nonce, "to": signer.address, "value": 1, "gas": 21000,
-          "maxFeePerGas": 10**11, "maxPriorityFeePerGas": 10**9}
+    tx = {
+        "type": 2,
+        "chainId": chain.chain_id(),
+        "nonce": nonce,
+        "to": signer.address,
+        "value": 1,
+        "gas": 21000,
+        "maxFeePerGas": 10**11,
+        "maxPriorityFeePerGas": 10**9,
+    }
     chain.send_raw(bytes(Account.sign_transaction(tx, signer.key).raw_transaction))
     mine(chain)
     assert txmanager.step("publish:test:1").state == "failed"

@@ -69,9 +69,18 @@ def upgrade() -> None:
         sa.Column("proof", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("pool", "epoch", "account", name="pk_settlement_payouts"),
     )
+    op.create_table(
+        "settlement_epoch_totals",
+        sa.Column("pool", sa.Text(), nullable=False),
+        sa.Column("epoch", sa.BigInteger(), nullable=False),
+        sa.Column("earned", MONEY, nullable=False),
+        sa.Column("payees_below_min", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("pool", "epoch", name="pk_settlement_epoch_totals"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("settlement_epoch_totals")
     op.drop_table("settlement_payouts")
     op.drop_table("settlement_nonces")
     op.drop_index("ix_settlement_txs_intent", table_name="settlement_txs")

@@ -1,0 +1,329 @@
+"""Gateway benchmark: the same load against a model server directly and through the gateway.
+
+The gateway runs with everything on: API-key auth, GCRA limits for requests and
+tokens, a concurrency slot, a Hard budget reservation, the proxy and metering
+(settle + XADD of the usage event before the response). It is pinned to CPU 0
+(``--cpu 0``, ``os.sched_setaffinity``); the load generator (``wrk`` when
+installed, else an aiohttp load generator in its own process) and the upstream
+run on CPU 1, Redis wherever the platform put it.
+
+Upstreams:
+- ``fast``: a trivial keep-alive HTTP server (httptools on uvloop, fixed JSON
+  answer) — isolates the gateway's own cost, for the throughput figure;
+- ``kserve``: the real kserve ``ModelServer`` with the iris classifier (the local
+  serving stand-in's model server).
+
+Figures (medians of ``RUNS`` runs):
+- added latency p50/p99 = gateway p50/p99 minus direct p50/p99 at low concurrency;
+- max throughput (requests/s) at high concurrency, and requests per gateway
+  CPU-second (requests / the gateway process's user+system CPU time in that
+  run) — the per-core figure, independent of how busy the shared CPU 1 is.
+
+Run: ``.venv/bin/pytest bench/bench_gateway.py -m bench -s`` -> ``bench/results/gateway.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, choose_quantum, hash_api_key
+from openledger.local.processes import ManagedProcess, free_port, spawn, wait_ready
+from openledger.wire import ModelRoute, Price, model_route_key
+
+RUNS = int(os.environ.get("GATEWAY_BENCH_RUNS", "3"))
+DURATION_S = int(os.environ.get("GATEWAY_BENCH_SECONDS", "5"))
+LATENCY_CONNECTIONS = 4
+THROUGHPUT_CONNECTIONS = 64
+RESULTS = Path(__file__).parent / "results" / "gateway.json"
+BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]})
+PRICE = Price(per_request=10**15, per_input_token=10**12, per_output_token=2 * 10**12)
+pytestmark = pytest.mark.bench
+
+
+# ------------------------------------------------------------ fast upstream
+
+
+def serve_fast_upstream(port: int) -> None:
+    """A minimal keep-alive HTTP/1.1 server answering every request with fixed JSON."""
+    import httptools
+    import uvloop
+
+    body = b'{"predictions":[0]}'
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.transport.write(response)  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Proto, "127.0.0.1", port, backlog=4096)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+# ------------------------------------------------------------ load generators
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+%s
+"""
+
+
+def _wrk(url: str, connections: int, key: str | None, tmp: Path) -> dict[str, float]:
+    script = tmp / f"wrk-{secrets.token_hex(3)}.lua"
+    auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+    script.write_text(_WRK_SCRIPT % (BODY, auth))
+    cmd = ["taskset", "-c", "1", "wrk", "-t", "1", "-c", str(connections), "-d", f"{DURATION_S}s", "--latency",
+           "-s", str(script), url]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION_S + 30, check=True).stdout
+    return _parse_wrk(out)
+
+
+def _to_ms(value: str) -> float:
+    number, unit = re.match(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def _parse_wrk(out: str) -> dict[str, float]:
+    p50 = re.search(r"50%\s+([\d.]+\w+)", out)
+    p99 = re.search(r"99%\s+([\d.]+\w+)", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    assert p50 and p99 and rps and total, out
+    return {"p50_ms": _to_ms(p50.group(1)), "p99_ms": _to_ms(p99.group(1)), "rps": float(rps.group(1)),
+            "requests": float(total.group(1)), "non_2xx": float(non2xx.group(1)) if non2xx else 0.0,
+            "socket_errors": 1.0 if errors else 0.0}  # fmt: skip
+
+
+def python_load(url: str, connections: int, key: str | None, duration_s: float) -> dict[str, float]:
+    """Fallback when wrk is absent: a closed-loop aiohttp load generator (run in its own process)."""
+    import aiohttp
+    import uvloop
+
+    latencies: list[float] = []
+    non_2xx = 0
+
+    async def main() -> None:
+        nonlocal non_2xx
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        connector = aiohttp.TCPConnector(limit=connections)
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+            end = time.perf_counter() + duration_s
+
+            async def worker() -> None:
+                nonlocal non_2xx
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    async with session.post(url, data=BODY) as resp:
+                        await resp.read()
+                        non_2xx += resp.status >= 300
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+            await asyncio.gather(*(worker() for _ in range(connections)))
+
+    uvloop.run(main())
+    latencies.sort()
+    return {"p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(len(latencies) * 0.99)],
+            "rps": len(latencies) / duration_s, "requests": float(len(latencies)), "non_2xx": float(non_2xx),
+            "socket_errors": 0.0}  # fmt: skip
+
+
+def load(url: str, connections: int, key: str | None, tmp: Path) -> dict[str, float]:
+    if shutil.which("wrk") and shutil.which("taskset"):
+        return _wrk(url, connections, key, tmp)
+    code = (f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_gateway as b; "
+            f"print(json.dumps(b.python_load({url!r}, {connections}, {key!r}, {DURATION_S})))")  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=DURATION_S + 60, check=True
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        return bool(resp.status == 200)
+
+
+def _pin(pid: int, cpu: int) -> None:
+    if (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(pid, {cpu})
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("bench-gateway")
+    procs: list[ManagedProcess] = []
+    fast_port, kserve_port, gw_port = free_port(), free_port(), free_port()
+    here = str(Path(__file__).parent)
+    fast = spawn("fast-upstream", [sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "
+                 f"import bench_gateway as b; b.serve_fast_upstream({fast_port})"], tmp / "fast.log", detached=False)  # fmt: skip
+    procs.append(fast)
+    kserve = spawn("kserve", [sys.executable, "-m", "openledger.cli", "standin", "serve", "--name", "iris", "--kind", "v1",
+                              "--port", str(kserve_port)], tmp / "kserve.log", detached=False)  # fmt: skip
+    procs.append(kserve)
+    stream = f"openledger:usage:bench:{secrets.token_hex(3)}"
+    env = {"REDIS_URL": redis_url, "OPENLEDGER_GATEWAY_USAGE_STREAM": stream, "OPENLEDGER_LOG_LEVEL": "WARNING"}
+    gateway = spawn("gateway", [sys.executable, "-m", "openledger.cli", "gateway", "--port", str(gw_port),
+                                "--metrics-port", "0", "--cpu", "0"], tmp / "gateway.log", detached=False, env=env)  # fmt: skip
+    procs.append(gateway)
+    try:
+        wait_ready(fast, lambda: _tcp(fast_port), 30)
+        wait_ready(kserve, lambda: _http_ok(f"http://127.0.0.1:{kserve_port}/v1/models/iris"), 90)
+        wait_ready(gateway, lambda: _http_ok(f"http://127.0.0.1:{gw_port}/healthz"), 60)
+        _pin(fast.pid, 1)
+        _pin(kserve.pid, 1)
+        r = redis.Redis.from_url(redis_url)
+        key = "olk_" + secrets.token_urlsafe(24)
+        ns = f"bench-{secrets.token_hex(3)}"
+        amount = 10**9 * 10**18  # a Hard budget large enough for the run: reserved and settled on every request
+        config = AgentConfig(ref=f"{ns}/bench", account="0x" + "ab" * 20, models=("fast", "iris"),
+                             requests_per_second=10**6, burst=10**6, tokens_per_minute=10**9, max_concurrency=10_000,
+                             budget_base_units=amount, budget_quantum=choose_quantum(amount), budget_enforcement="Hard",
+                             queue_max_depth=1000, queue_max_wait_ms=5000, key_hash=hash_api_key(key), version=1)  # fmt: skip
+        r.hset(AgentKeys(config.ref).config, mapping=config.to_fields())  # type: ignore[arg-type]
+        r.set(apikey_key(config.key_hash), config.ref)
+        for name, port in (("fast", fast_port), ("iris", kserve_port)):
+            route = ModelRoute(model=f"{ns}/{name}", url=f"http://127.0.0.1:{port}", protocol="v1", price=PRICE,
+                               owner="0x" + "cd" * 20)  # fmt: skip
+            r.set(model_route_key(ns, name), route.to_json())
+        yield {"tmp": tmp, "key": key, "gw": f"http://127.0.0.1:{gw_port}", "gateway_pid": gateway.pid,
+               "fast": f"http://127.0.0.1:{fast_port}", "kserve": f"http://127.0.0.1:{kserve_port}",
+               "redis": r, "stream": stream}  # fmt: skip
+        r.delete(stream)
+        r.close()
+    finally:
+        for p in procs:
+            p.stop(10)
+
+
+def _tcp(port: int) -> bool:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+
+
+def _median(rows: list[dict[str, float]], key: str) -> float:
+    return float(statistics.median(r[key] for r in rows))
+
+
+def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
+    tmp, key = stack["tmp"], stack["key"]
+    paths = {"fast": "/v1/models/fast:predict", "kserve": "/v1/models/iris:predict"}
+    # Warm both paths (connections, route and agent caches, script load).
+    for target in ("fast", "kserve"):
+        for _ in range(20):
+            req = urllib.request.Request(stack["gw"] + paths[target], data=BODY.encode(),
+                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                assert resp.status == 200
+    events_before = stack["redis"].xlen(stack["stream"])
+
+    results: dict[str, Any] = {}
+    for target in ("fast", "kserve"):
+        direct_url = stack[target] + paths[target]
+        gw_url = stack["gw"] + paths[target]
+        lat_direct = [load(direct_url, LATENCY_CONNECTIONS, None, tmp) for _ in range(RUNS)]
+        lat_gw = [load(gw_url, LATENCY_CONNECTIONS, key, tmp) for _ in range(RUNS)]
+        max_direct = [load(direct_url, THROUGHPUT_CONNECTIONS, None, tmp) for _ in range(RUNS)]
+        max_gw, per_cpu = [], []
+        for _ in range(RUNS):
+            cpu0 = _cpu_s(stack["gateway_pid"])
+            row = load(gw_url, THROUGHPUT_CONNECTIONS, key, tmp)
+            cpu = _cpu_s(stack["gateway_pid"]) - cpu0
+            max_gw.append(row)
+            per_cpu.append(row["requests"] / cpu if cpu > 0 else 0.0)
+        for rows in (lat_gw, max_gw):
+            assert all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in rows), rows
+        results[target] = {
+            "baseline_direct": {
+                "p50_ms": round(_median(lat_direct, "p50_ms"), 3),
+                "p99_ms": round(_median(lat_direct, "p99_ms"), 3),
+                "max_rps": round(_median(max_direct, "rps")),
+            },
+            "through_gateway": {
+                "p50_ms": round(_median(lat_gw, "p50_ms"), 3),
+                "p99_ms": round(_median(lat_gw, "p99_ms"), 3),
+                "max_rps": round(_median(max_gw, "rps")),
+                "requests_per_gateway_cpu_s": round(statistics.median(per_cpu)),
+            },
+            "added_latency_ms": {
+                "p50": round(_median(lat_gw, "p50_ms") - _median(lat_direct, "p50_ms"), 3),
+                "p99": round(_median(lat_gw, "p99_ms") - _median(lat_direct, "p99_ms"), 3),
+            },
+            "x_direct_max_rps": round(_median(max_gw, "rps") / _median(max_direct, "rps"), 3),
+            "all_runs": {
+                "latency_direct": lat_direct,
+                "latency_gateway": lat_gw,
+                "max_direct": max_direct,
+                "max_gateway": max_gw,
+                "requests_per_gateway_cpu_s": per_cpu,
+            },  # fmt: skip
+        }
+    served = stack["redis"].xlen(stack["stream"]) - events_before
+    fast = results["fast"]
+    report = {
+        "benchmark": "gateway: same load direct vs through the gateway (auth, GCRA limits, concurrency, "
+        "Hard budget reservation, proxy, settle + usage event XADD)",
+        "load_generator": "wrk (1 thread, taskset CPU 1)" if shutil.which("wrk") else "aiohttp (own process)",
+        "gateway_cpu": "pinned to CPU 0",
+        "runs": RUNS,
+        "seconds_per_run": DURATION_S,
+        "connections": {"latency": LATENCY_CONNECTIONS, "throughput": THROUGHPUT_CONNECTIONS},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "usage_events_written": served,
+        "targets": {"added_p50_ms_max": 1.0, "added_p99_ms_max": 5.0, "requests_per_gateway_core_min": 2000},
+        "results": results,
+        "meets_targets": {
+            "added_p50": fast["added_latency_ms"]["p50"] <= 1.0,
+            "added_p99": fast["added_latency_ms"]["p99"] <= 5.0,
+            "per_core": fast["through_gateway"]["requests_per_gateway_cpu_s"] >= 2000,
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=2))
+    for target, row in results.items():
+        print(target, json.dumps({k: v for k, v in row.items() if k != "all_runs"}))
+    # Every request that got a 200 was metered exactly once (a request is one event).
+    total = sum(
+        r["requests"] for t in results.values() for r in t["all_runs"]["latency_gateway"] + t["all_runs"]["max_gateway"]
+    )
+    assert served >= total - THROUGHPUT_CONNECTIONS * 2 * RUNS  # wrk counts only completed requests

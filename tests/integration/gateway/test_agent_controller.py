@@ -1,0 +1,177 @@
+"""The Agent controller in the real operator process, against the real API server and Redis,
+with the gateway in front of a real kserve model server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import redis
+from kubernetes.client.exceptions import ApiException
+
+from openledger.gateway.records import AgentKeys, apikey_key, hash_api_key
+from openledger.local.processes import ManagedProcess, free_port, spawn, wait_ready
+from tests.integration.gateway.conftest import (
+    IRIS_ROW,
+    PAYER,
+    GatewayProcess,
+    ModelServers,
+    post,
+    route_model,
+    wait_for,
+)
+
+GROUP, VERSION = "openledger.io", "v1alpha1"
+
+pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+
+
+@pytest.fixture(scope="module")
+def kube(kubeconfig: Path) -> kubernetes.client.ApiClient:
+    return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def operator(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    health, metrics = free_port(), free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "REDIS_URL": redis_url,
+        "OPENLEDGER_HEALTH_PORT": str(health),
+        "OPENLEDGER_METRICS_PORT": str(metrics),
+        "OPENLEDGER_NAMESPACES": json.dumps(["ol-agt-*"]),
+        "OPENLEDGER_LEADER_LEASE_NAME": f"ol-agt-{secrets.token_hex(4)}",
+        "OPENLEDGER_LEADER_LEASE_DURATION_S": "4",
+        "OPENLEDGER_LEADER_RENEW_PERIOD_S": "1",
+    }
+    log_dir = tmp_path_factory.mktemp("agent-operator")
+    process = spawn("operator", [sys.executable, "-m", "openledger.cli", "operator"], log_dir / "operator.log",
+                    detached=False, env=env)  # fmt: skip
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2) as resp:
+            return bool(json.loads(resp.read()).get("controllers"))
+
+    wait_ready(process, ready, 60, "operator")
+    yield process
+    process.stop(15)
+
+
+@pytest.fixture
+def agent_ns(kube: kubernetes.client.ApiClient) -> str:
+    name = f"ol-agt-{secrets.token_hex(4)}"
+    kubernetes.client.CoreV1Api(kube).create_namespace({"metadata": {"name": name}})
+    return name
+
+
+def _agent(ns: str, name: str, **spec: Any) -> dict[str, Any]:
+    body = {"account": PAYER, "models": ["iris"], "limits": {"requestsPerSecond": 100, "burst": 100},
+            "budget": {"amount": "5", "period": "Day", "enforcement": "Hard"}}  # fmt: skip
+    body.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": name, "namespace": ns}, "spec": body}
+
+
+def _get(kube: kubernetes.client.ApiClient, ns: str, name: str) -> dict[str, Any] | None:
+    try:
+        return dict(kubernetes.client.CustomObjectsApi(kube).get_namespaced_custom_object(GROUP, VERSION, ns, "agents", name))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _secret_key(kube: kubernetes.client.ApiClient, ns: str, name: str) -> str | None:
+    try:
+        secret = kubernetes.client.CoreV1Api(kube).read_namespaced_secret(name, ns)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return base64.b64decode(secret.data["apiKey"]).decode() if secret.data and "apiKey" in secret.data else None
+
+
+def _condition(agent: dict[str, Any] | None, type_: str) -> str | None:
+    for cond in ((agent or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return str(cond["status"])
+    return None
+
+
+def test_agent_gets_a_key_limits_and_status_and_the_gateway_accepts_it(
+    operator: ManagedProcess,
+    kube: kubernetes.client.ApiClient,
+    agent_ns: str,
+    rds: redis.Redis,
+    shared_gateway: GatewayProcess,
+    model_servers: ModelServers,
+) -> None:
+    objects = kubernetes.client.CustomObjectsApi(kube)
+    objects.create_namespaced_custom_object(GROUP, VERSION, agent_ns, "agents", _agent(agent_ns, "bot"))
+    key = wait_for(lambda: _secret_key(kube, agent_ns, "bot-credentials"), 20, "the credentials Secret")
+    agent = wait_for(lambda: (a := _get(kube, agent_ns, "bot")) and _condition(a, "Ready") == "True" and a, 20, "Ready")
+    status = agent["status"]
+    assert status["secretName"] == "bot-credentials"
+    assert _condition(agent, "CredentialsIssued") == "True" and _condition(agent, "LimitsApplied") == "True"
+    assert key not in json.dumps(agent)  # the key is never in status
+    ref = f"{agent_ns}/bot"
+    assert rds.get(apikey_key(hash_api_key(key))) == ref.encode()
+    stored = json.dumps({k.decode(): v.decode() for k, v in rds.hgetall(AgentKeys(ref).config).items()})
+    assert key not in stored and hash_api_key(key) in stored
+    assert rds.exists(AgentKeys(ref).queue) and rds.xinfo_groups(AgentKeys(ref).queue)[0]["name"] == b"gateway"
+    secret = kubernetes.client.CoreV1Api(kube).read_namespaced_secret("bot-credentials", agent_ns)
+    assert secret.metadata.owner_references[0].kind == "Agent" and secret.metadata.owner_references[0].name == "bot"
+
+    route_model(rds, agent_ns, "iris", model_servers.iris_url)
+    assert post(f"{shared_gateway.url}/v1/models/iris:predict", {"instances": [IRIS_ROW]}, key)[0] == 200
+    wait_for(lambda: ((_get(kube, agent_ns, "bot") or {}).get("status") or {}).get("spentThisPeriod") == "0.001", 10,
+             "spentThisPeriod from the status timer")  # fmt: skip
+
+    # A spec change is applied with a new config version.
+    version = int(rds.hget(AgentKeys(ref).config, "version"))
+    objects.patch_namespaced_custom_object(GROUP, VERSION, agent_ns, "agents", "bot", {"spec": {"limits": {"burst": 7}}})
+    wait_for(lambda: int(rds.hget(AgentKeys(ref).config, "version")) > version, 10, "a new config version")
+    assert rds.hget(AgentKeys(ref).config, "burst") == b"7"
+
+
+def test_deleting_the_secret_rotates_the_key_and_deleting_the_agent_revokes_within_1_s(
+    operator: ManagedProcess,
+    kube: kubernetes.client.ApiClient,
+    agent_ns: str,
+    rds: redis.Redis,
+    shared_gateway: GatewayProcess,
+    model_servers: ModelServers,
+) -> None:
+    objects = kubernetes.client.CustomObjectsApi(kube)
+    core = kubernetes.client.CoreV1Api(kube)
+    objects.create_namespaced_custom_object(
+        GROUP, VERSION, agent_ns, "agents", _agent(agent_ns, "bot", credentialsSecretName="bot-key")
+    )
+    old = wait_for(lambda: _secret_key(kube, agent_ns, "bot-key"), 20, "the credentials Secret")
+    route_model(rds, agent_ns, "iris", model_servers.iris_url)
+    url = f"{shared_gateway.url}/v1/models/iris:predict"
+    wait_for(lambda: post(url, {"instances": [IRIS_ROW]}, old)[0] == 200, 10, "the first key to work")
+
+    core.delete_namespaced_secret("bot-key", agent_ns)
+    new = wait_for(lambda: (k := _secret_key(kube, agent_ns, "bot-key")) and k != old and k, 20, "a rotated key")
+    assert post(url, {"instances": [IRIS_ROW]}, old)[0] == 401
+    assert post(url, {"instances": [IRIS_ROW]}, new)[0] == 200
+    assert wait_for(lambda: (a := _get(kube, agent_ns, "bot")) and a["status"]["conditions"], 5)
+
+    objects.delete_namespaced_custom_object(GROUP, VERSION, agent_ns, "agents", "bot")
+    deleted_at = time.monotonic()
+    wait_for(lambda: post(url, {"instances": [IRIS_ROW]}, new)[0] == 401, 5, "revocation")
+    assert time.monotonic() - deleted_at <= 1.0
+    wait_for(lambda: _get(kube, agent_ns, "bot") is None, 10, "the Agent to go (finalizer done)")
+    assert _secret_key(kube, agent_ns, "bot-key") is None
+    assert not rds.exists(AgentKeys(f"{agent_ns}/bot").config)

@@ -1,0 +1,140 @@
+"""Failures mid-flight, with the worker as a real process: kill -9, several workers, PostgreSQL restarts.
+
+After each: every event exactly once, exact balances, nothing pending, and
+``ledger verify`` (stream reconciliation included) finds no drift.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+
+import psycopg
+
+from openledger.local.platform import LocalPlatform
+from openledger.local.processes import ManagedProcess, tail
+from openledger.settlement.ledger.verify import verify
+from openledger.wire import UsageEvent
+
+from .conftest import LedgerEnv, expected_balances, make_event
+
+
+def assert_exactly_once(env: LedgerEnv, events: list[UsageEvent]) -> None:
+    assert env.count() == len({e.event_id for e in events})
+    assert env.count("SELECT count(*) FROM usage_quarantine") == 0
+    assert env.balances() == expected_balances(events)
+    assert env.pending() == 0
+    with psycopg.connect(env.database_url) as conn:
+        report = verify(conn, redis_url=env.redis_url, stream=env.stream, group=env.group,
+                        dead_letter_stream=env.dead_letter_stream)  # fmt: skip
+        total = conn.execute("SELECT coalesce(sum(cost), 0)::text FROM usage_events").fetchone()
+    assert [str(d) for d in report.drifts] == []
+    assert report.stats["stream_missing"] == 0
+    assert total is not None and int(total[0]) == sum(e.cost for e in events)
+
+
+def wait_all(env: LedgerEnv, n: int, workers: list[ManagedProcess], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if env.count() >= n and env.pending() == 0:
+            return
+        for w in workers:
+            assert w.alive(), f"worker {w.name} died:\n{tail(w.log_path, 30)}"
+        time.sleep(0.2)
+    raise AssertionError(f"only {env.count()} of {n} events after {timeout_s} s; pending {env.pending()}")
+
+
+def test_kill_9_at_random_moments_while_50000_events_are_ingested(
+    ledger_env: LedgerEnv, platform_env: dict[str, str]
+) -> None:
+    rng = random.Random(20261125)
+    events = [make_event(i, rng) for i in range(50_000)]
+    # The producer keeps adding while the worker is killed and restarted.
+    producer = threading.Thread(target=lambda: [ledger_env.produce(events[s : s + 2500]) or time.sleep(0.15)
+                                                for s in range(0, len(events), 2500)])  # fmt: skip
+    producer.start()
+    env = {"OPENLEDGER_LEDGER_BATCH_SIZE": "1500"}
+    worker = ledger_env.spawn_worker(platform_env, "ledger-worker-0", **env)
+    kills = 0
+    try:
+        for i in range(1, 6):
+            time.sleep(rng.uniform(0.6, 1.6))
+            worker.stop_signal = signal.SIGKILL
+            worker.stop(timeout_s=5)
+            kills += 1
+            worker = ledger_env.spawn_worker(platform_env, f"ledger-worker-{i}", **env)
+        producer.join(60)
+        wait_all(ledger_env, len(events), [worker], 120)
+    finally:
+        worker.stop()
+        producer.join(60)
+    assert kills == 5
+    assert_exactly_once(ledger_env, events)
+
+
+def test_kill_between_commit_and_xack_redelivers_as_a_no_op(
+    ledger_env: LedgerEnv, platform_env: dict[str, str]
+) -> None:
+    events = [make_event(i) for i in range(300)]
+    ledger_env.produce(events)
+    paused = ledger_env.spawn_worker(
+        platform_env,
+        "ledger-worker-paused",
+        OPENLEDGER_LEDGER_TEST_PAUSE_S="30",
+        OPENLEDGER_LEDGER_TEST_PAUSE_AT="after_commit",
+    )
+    try:
+        ledger_env.wait_for(lambda: ledger_env.count() == 300, 30, "the batch committed")
+        assert ledger_env.pending() == 300  # committed, not acknowledged
+        paused.stop_signal = signal.SIGKILL
+        paused.stop()
+        worker = ledger_env.spawn_worker(platform_env, "ledger-worker-after")
+        wait_all(ledger_env, 300, [worker], 60)
+        worker.stop()
+    finally:
+        paused.stop()
+    assert_exactly_once(ledger_env, events)
+
+
+def test_three_workers_share_one_stream(ledger_env: LedgerEnv, platform_env: dict[str, str]) -> None:
+    events = [make_event(i) for i in range(30_000)]
+    workers = [
+        ledger_env.spawn_worker(platform_env, f"ledger-worker-{i}", OPENLEDGER_LEDGER_BATCH_SIZE="500")
+        for i in range(3)
+    ]
+    try:
+        time.sleep(1.5)  # all three are reading before the first event arrives
+        ledger_env.produce(events, chunk=500)
+        wait_all(ledger_env, len(events), workers, 120)
+        consumers = ledger_env.redis.xinfo_consumers(ledger_env.stream, ledger_env.group)
+    finally:
+        for w in workers:
+            w.stop()
+    assert len(consumers) == 3
+    assert_exactly_once(ledger_env, events)
+
+
+def test_postgres_restarted_in_the_middle_of_a_batch(
+    ledger_env: LedgerEnv, platform_env: dict[str, str], local_platform: LocalPlatform
+) -> None:
+    first = [make_event(i) for i in range(2000)]
+    second = [make_event(i) for i in range(2000, 4000)]
+    worker = ledger_env.spawn_worker(
+        platform_env,
+        "ledger-worker-pg",
+        OPENLEDGER_LEDGER_TEST_PAUSE_S="2",
+        OPENLEDGER_LEDGER_TEST_PAUSE_AT="before_commit",
+    )
+    try:
+        ledger_env.produce(first)
+        time.sleep(2.5)  # a batch is written and waits before COMMIT
+        local_platform.restart_component("postgres")
+        ledger_env.produce(second)
+        wait_all(ledger_env, 4000, [worker], 120)
+        log = worker.log_path.read_text()
+    finally:
+        worker.stop()
+    assert "batch write failed; retrying" in log
+    assert_exactly_once(ledger_env, first + second)

@@ -1,0 +1,134 @@
+"""Pure pieces of the RewardPool controller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from openledger.controllers import rewardpool_builder as rb
+from openledger.settlement.settler import ChainSecrets, PoolStatus
+from openledger.wire import PoolBinding
+
+DIST = "0x" + "d1" * 20
+
+
+def spec(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "modelSelector": {"matchLabels": {"team": "a"}},
+        "protocolFeeBps": 500,
+        "epochSeconds": 60,
+        "minPayout": "1.5",
+        "chain": {
+            "chainId": 31337,
+            "rpcUrlSecretRef": {"name": "chain", "key": "rpcUrl"},
+            "signerKeySecretRef": {"name": "chain", "key": "signerKey"},
+            "tokenAddress": "0x" + "01" * 20,
+            "distributorAddress": DIST,
+            "confirmations": 3,
+        },
+    }
+    base.update(over)
+    return base
+
+
+def test_pool_config_converts_money_and_keeps_no_secret() -> None:
+    config = rb.pool_config("ns", "pool", spec())
+    assert config.pool == "ns/pool" and config.min_payout == 15 * 10**17 and config.confirmations == 3
+    secrets = ChainSecrets(rpc_url="http://user:hunter2@rpc", signer_key="0x" + "ee" * 32)
+    assert "hunter2" not in repr(secrets) and "ee" * 32 not in repr(secrets)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"minPayout": "1.2.3"}, "spec.minPayout"),
+        ({"chain": {"chainId": 1}}, "spec.chain.distributorAddress"),
+        ({"epochSeconds": 0}, "spec.epochSeconds"),
+    ],
+)
+def test_bad_spec_names_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(rb.RewardPoolSpecError, match=field.replace(".", r"\.")):
+        rb.pool_config("ns", "pool", spec(**change))
+
+
+def test_missing_secret_ref_names_the_field() -> None:
+    bad = spec()
+    del bad["chain"]["signerKeySecretRef"]
+    with pytest.raises(rb.RewardPoolSpecError, match="signerKeySecretRef"):
+        rb.pool_config("ns", "pool", bad)
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "selected"),
+    [
+        ({"matchLabels": {"team": "a"}}, {"team": "a", "x": "y"}, True),
+        ({"matchLabels": {"team": "a"}}, {"team": "b"}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold"]}]}, {"tier": "gold"}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["gold"]}]}, {"tier": "gold"}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {}, False),
+        ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, {}, True),
+        ({}, {"anything": "x"}, True),
+    ],
+)
+def test_label_selector_semantics(selector: dict[str, Any], labels: dict[str, str], selected: bool) -> None:
+    assert rb.selects(selector, labels) is selected
+
+
+def test_selected_models_and_binding() -> None:
+    models = [{"metadata": {"name": n, "labels": {"team": t}}} for n, t in (("b", "a"), ("a", "a"), ("c", "z"))]
+    assert rb.selected_models(spec(), models) == ["a", "b"]
+    assert rb.binding("ns", "pool", spec()) == PoolBinding(pool="ns/pool", fee_bps=500)
+
+
+def settled(**over: Any) -> PoolStatus:
+    base: dict[str, Any] = dict(
+        current_epoch=10,
+        last_settled_epoch=9,
+        last_root="0x" + "ab" * 32,
+        last_tx_hash="0x" + "cd" * 32,
+        pending_amount=5 * 10**17,
+        settled_total=2 * 10**18,
+        lag_epochs=0,
+        chain_reachable=True,
+    )
+    base.update(over)
+    return PoolStatus(**base)
+
+
+def test_status_of_a_settled_pool() -> None:
+    status = rb.pool_status(None, generation=3, models=2, paused=False, epoch_seconds=60, settled=settled(), now="T")
+    assert status["phase"] == "Ready" and status["pendingAmount"] == "0.5" and status["settledTotal"] == "2"
+    assert status["lastTxHash"] == "0x" + "cd" * 32 and status["lastSettledAt"] == "T"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "ChainReachable": "True",
+        "Settled": "True",
+        "Ready": "True",
+    }
+
+
+def test_chain_down_degrades_and_shows_the_backlog() -> None:
+    status = rb.pool_status(
+        None,
+        generation=1,
+        models=1,
+        paused=False,
+        epoch_seconds=60,
+        settled=settled(chain_reachable=False, chain_message="chain RPC x failed", lag_epochs=3),
+    )
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Degraded"
+    assert conds["ChainReachable"]["status"] == "False" and conds["Settled"]["reason"] == "Backlog"
+    assert "3 closed epoch" in conds["Settled"]["message"]
+
+
+def test_empty_tx_hash_is_left_out_because_the_schema_needs_32_bytes() -> None:
+    status = rb.pool_status(
+        None, generation=1, models=0, paused=False, epoch_seconds=60, settled=settled(last_tx_hash="")
+    )
+    assert "lastTxHash" not in status
+
+
+def test_invalid_spec_fails_ready_with_the_message() -> None:
+    status = rb.pool_status(None, generation=1, models=0, paused=False, epoch_seconds=60, error="spec.minPayout: bad")
+    assert status["phase"] == "Failed" and status["conditions"][0]["message"] == "spec.minPayout: bad"
