@@ -14,7 +14,8 @@ Upstreams:
   serving stand-in's model server).
 
 Figures (medians of ``RUNS`` runs):
-- added latency p50/p99 = gateway p50/p99 minus direct p50/p99 at low concurrency;
+- added latency p50/p99 = gateway p50/p99 minus direct p50/p99, at 1 connection (serial:
+  the pure per-request overhead) and at 4 (about 2k req/s through one gateway core);
 - max throughput (requests/s) at high concurrency, and requests per gateway
   CPU-second (requests / the gateway process's user+system CPU time in that
   run) — the per-core figure, independent of how busy the shared CPU 1 is.
@@ -48,7 +49,7 @@ from openledger.wire import ModelRoute, Price, model_route_key
 
 RUNS = int(os.environ.get("GATEWAY_BENCH_RUNS", "3"))
 DURATION_S = int(os.environ.get("GATEWAY_BENCH_SECONDS", "5"))
-LATENCY_CONNECTIONS = 4
+LATENCY_CONNECTIONS = (1, 4)  # serial (pure overhead), and ~2k req/s through one gateway core
 THROUGHPUT_CONNECTIONS = 64
 RESULTS = Path(__file__).parent / "results" / "gateway.json"
 BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]})
@@ -100,8 +101,22 @@ def _wrk(url: str, connections: int, key: str | None, tmp: Path) -> dict[str, fl
     script = tmp / f"wrk-{secrets.token_hex(3)}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
     script.write_text(_WRK_SCRIPT % (BODY, auth))
-    cmd = ["taskset", "-c", "1", "wrk", "-t", "1", "-c", str(connections), "-d", f"{DURATION_S}s", "--latency",
-           "-s", str(script), url]  # fmt: skip
+    cmd = [
+        "taskset",
+        "-c",
+        "1",
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{DURATION_S}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=DURATION_S + 30, check=True).stdout
     return _parse_wrk(out)
 
@@ -119,9 +134,14 @@ def _parse_wrk(out: str) -> dict[str, float]:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     assert p50 and p99 and rps and total, out
-    return {"p50_ms": _to_ms(p50.group(1)), "p99_ms": _to_ms(p99.group(1)), "rps": float(rps.group(1)),
-            "requests": float(total.group(1)), "non_2xx": float(non2xx.group(1)) if non2xx else 0.0,
-            "socket_errors": 1.0 if errors else 0.0}  # fmt: skip
+    return {
+        "p50_ms": _to_ms(p50.group(1)),
+        "p99_ms": _to_ms(p99.group(1)),
+        "rps": float(rps.group(1)),
+        "requests": float(total.group(1)),
+        "non_2xx": float(non2xx.group(1)) if non2xx else 0.0,
+        "socket_errors": 1.0 if errors else 0.0,
+    }
 
 
 def python_load(url: str, connections: int, key: str | None, duration_s: float) -> dict[str, float]:
@@ -152,16 +172,23 @@ def python_load(url: str, connections: int, key: str | None, duration_s: float) 
 
     uvloop.run(main())
     latencies.sort()
-    return {"p50_ms": latencies[len(latencies) // 2], "p99_ms": latencies[int(len(latencies) * 0.99)],
-            "rps": len(latencies) / duration_s, "requests": float(len(latencies)), "non_2xx": float(non_2xx),
-            "socket_errors": 0.0}  # fmt: skip
+    return {
+        "p50_ms": latencies[len(latencies) // 2],
+        "p99_ms": latencies[int(len(latencies) * 0.99)],
+        "rps": len(latencies) / duration_s,
+        "requests": float(len(latencies)),
+        "non_2xx": float(non_2xx),
+        "socket_errors": 0.0,
+    }
 
 
 def load(url: str, connections: int, key: str | None, tmp: Path) -> dict[str, float]:
     if shutil.which("wrk") and shutil.which("taskset"):
         return _wrk(url, connections, key, tmp)
-    code = (f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_gateway as b; "
-            f"print(json.dumps(b.python_load({url!r}, {connections}, {key!r}, {DURATION_S})))")  # fmt: skip
+    code = (
+        f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_gateway as b; "
+        f"print(json.dumps(b.python_load({url!r}, {connections}, {key!r}, {DURATION_S})))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=DURATION_S + 60, check=True
     )
@@ -192,16 +219,56 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     procs: list[ManagedProcess] = []
     fast_port, kserve_port, gw_port = free_port(), free_port(), free_port()
     here = str(Path(__file__).parent)
-    fast = spawn("fast-upstream", [sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "
-                 f"import bench_gateway as b; b.serve_fast_upstream({fast_port})"], tmp / "fast.log", detached=False)  # fmt: skip
+    fast = spawn(
+        "fast-upstream",
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {here!r}); import bench_gateway as b; b.serve_fast_upstream({fast_port})",
+        ],
+        tmp / "fast.log",
+        detached=False,
+    )
     procs.append(fast)
-    kserve = spawn("kserve", [sys.executable, "-m", "openledger.cli", "standin", "serve", "--name", "iris", "--kind", "v1",
-                              "--port", str(kserve_port)], tmp / "kserve.log", detached=False)  # fmt: skip
+    kserve = spawn(
+        "kserve",
+        [
+            sys.executable,
+            "-m",
+            "openledger.cli",
+            "standin",
+            "serve",
+            "--name",
+            "iris",
+            "--kind",
+            "v1",
+            "--port",
+            str(kserve_port),
+        ],
+        tmp / "kserve.log",
+        detached=False,
+    )
     procs.append(kserve)
     stream = f"openledger:usage:bench:{secrets.token_hex(3)}"
     env = {"REDIS_URL": redis_url, "OPENLEDGER_GATEWAY_USAGE_STREAM": stream, "OPENLEDGER_LOG_LEVEL": "WARNING"}
-    gateway = spawn("gateway", [sys.executable, "-m", "openledger.cli", "gateway", "--port", str(gw_port),
-                                "--metrics-port", "0", "--cpu", "0"], tmp / "gateway.log", detached=False, env=env)  # fmt: skip
+    gateway = spawn(
+        "gateway",
+        [
+            sys.executable,
+            "-m",
+            "openledger.cli",
+            "gateway",
+            "--port",
+            str(gw_port),
+            "--metrics-port",
+            "0",
+            "--cpu",
+            "0",
+        ],
+        tmp / "gateway.log",
+        detached=False,
+        env=env,
+    )
     procs.append(gateway)
     try:
         wait_ready(fast, lambda: _tcp(fast_port), 30)
@@ -213,19 +280,39 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
         key = "olk_" + secrets.token_urlsafe(24)
         ns = f"bench-{secrets.token_hex(3)}"
         amount = 10**9 * 10**18  # a Hard budget large enough for the run: reserved and settled on every request
-        config = AgentConfig(ref=f"{ns}/bench", account="0x" + "ab" * 20, models=("fast", "iris"),
-                             requests_per_second=10**6, burst=10**6, tokens_per_minute=10**9, max_concurrency=10_000,
-                             budget_base_units=amount, budget_quantum=choose_quantum(amount), budget_enforcement="Hard",
-                             queue_max_depth=1000, queue_max_wait_ms=5000, key_hash=hash_api_key(key), version=1)  # fmt: skip
+        config = AgentConfig(
+            ref=f"{ns}/bench",
+            account="0x" + "ab" * 20,
+            models=("fast", "iris"),
+            requests_per_second=10**6,
+            burst=10**6,
+            tokens_per_minute=10**9,
+            max_concurrency=10_000,
+            budget_base_units=amount,
+            budget_quantum=choose_quantum(amount),
+            budget_enforcement="Hard",
+            queue_max_depth=1000,
+            queue_max_wait_ms=5000,
+            key_hash=hash_api_key(key),
+            version=1,
+        )
         r.hset(AgentKeys(config.ref).config, mapping=config.to_fields())  # type: ignore[arg-type]
         r.set(apikey_key(config.key_hash), config.ref)
         for name, port in (("fast", fast_port), ("iris", kserve_port)):
-            route = ModelRoute(model=f"{ns}/{name}", url=f"http://127.0.0.1:{port}", protocol="v1", price=PRICE,
-                               owner="0x" + "cd" * 20)  # fmt: skip
+            route = ModelRoute(
+                model=f"{ns}/{name}", url=f"http://127.0.0.1:{port}", protocol="v1", price=PRICE, owner="0x" + "cd" * 20
+            )
             r.set(model_route_key(ns, name), route.to_json())
-        yield {"tmp": tmp, "key": key, "gw": f"http://127.0.0.1:{gw_port}", "gateway_pid": gateway.pid,
-               "fast": f"http://127.0.0.1:{fast_port}", "kserve": f"http://127.0.0.1:{kserve_port}",
-               "redis": r, "stream": stream}  # fmt: skip
+        yield {
+            "tmp": tmp,
+            "key": key,
+            "gw": f"http://127.0.0.1:{gw_port}",
+            "gateway_pid": gateway.pid,
+            "fast": f"http://127.0.0.1:{fast_port}",
+            "kserve": f"http://127.0.0.1:{kserve_port}",
+            "redis": r,
+            "stream": stream,
+        }
         r.delete(stream)
         r.close()
     finally:
@@ -250,8 +337,11 @@ def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
     # Warm both paths (connections, route and agent caches, script load).
     for target in ("fast", "kserve"):
         for _ in range(20):
-            req = urllib.request.Request(stack["gw"] + paths[target], data=BODY.encode(),
-                                         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})  # fmt: skip
+            req = urllib.request.Request(
+                stack["gw"] + paths[target],
+                data=BODY.encode(),
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(req, timeout=5) as resp:
                 assert resp.status == 200
     events_before = stack["redis"].xlen(stack["stream"])
@@ -260,8 +350,23 @@ def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
     for target in ("fast", "kserve"):
         direct_url = stack[target] + paths[target]
         gw_url = stack["gw"] + paths[target]
-        lat_direct = [load(direct_url, LATENCY_CONNECTIONS, None, tmp) for _ in range(RUNS)]
-        lat_gw = [load(gw_url, LATENCY_CONNECTIONS, key, tmp) for _ in range(RUNS)]
+        latency: dict[str, Any] = {}
+        all_runs: dict[str, Any] = {}
+        for c in LATENCY_CONNECTIONS:
+            lat_direct = [load(direct_url, c, None, tmp) for _ in range(RUNS)]
+            lat_gw = [load(gw_url, c, key, tmp) for _ in range(RUNS)]
+            assert all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in lat_gw), lat_gw
+            latency[f"c{c}"] = {
+                "direct_p50_ms": round(_median(lat_direct, "p50_ms"), 3),
+                "direct_p99_ms": round(_median(lat_direct, "p99_ms"), 3),
+                "gateway_p50_ms": round(_median(lat_gw, "p50_ms"), 3),
+                "gateway_p99_ms": round(_median(lat_gw, "p99_ms"), 3),
+                "gateway_rps": round(_median(lat_gw, "rps")),
+                "added_p50_ms": round(_median(lat_gw, "p50_ms") - _median(lat_direct, "p50_ms"), 3),
+                "added_p99_ms": round(_median(lat_gw, "p99_ms") - _median(lat_direct, "p99_ms"), 3),
+            }
+            all_runs[f"latency_direct_c{c}"] = lat_direct
+            all_runs[f"latency_gateway_c{c}"] = lat_gw
         max_direct = [load(direct_url, THROUGHPUT_CONNECTIONS, None, tmp) for _ in range(RUNS)]
         max_gw, per_cpu = [], []
         for _ in range(RUNS):
@@ -270,32 +375,15 @@ def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
             cpu = _cpu_s(stack["gateway_pid"]) - cpu0
             max_gw.append(row)
             per_cpu.append(row["requests"] / cpu if cpu > 0 else 0.0)
-        for rows in (lat_gw, max_gw):
-            assert all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in rows), rows
+        assert all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in max_gw), max_gw
+        all_runs.update(max_direct=max_direct, max_gateway=max_gw, requests_per_gateway_cpu_s=per_cpu)
         results[target] = {
-            "baseline_direct": {
-                "p50_ms": round(_median(lat_direct, "p50_ms"), 3),
-                "p99_ms": round(_median(lat_direct, "p99_ms"), 3),
-                "max_rps": round(_median(max_direct, "rps")),
-            },
-            "through_gateway": {
-                "p50_ms": round(_median(lat_gw, "p50_ms"), 3),
-                "p99_ms": round(_median(lat_gw, "p99_ms"), 3),
-                "max_rps": round(_median(max_gw, "rps")),
-                "requests_per_gateway_cpu_s": round(statistics.median(per_cpu)),
-            },
-            "added_latency_ms": {
-                "p50": round(_median(lat_gw, "p50_ms") - _median(lat_direct, "p50_ms"), 3),
-                "p99": round(_median(lat_gw, "p99_ms") - _median(lat_direct, "p99_ms"), 3),
-            },
+            "latency": latency,
+            "baseline_direct_max_rps": round(_median(max_direct, "rps")),
+            "gateway_max_rps": round(_median(max_gw, "rps")),
+            "requests_per_gateway_cpu_s": round(statistics.median(per_cpu)),
             "x_direct_max_rps": round(_median(max_gw, "rps") / _median(max_direct, "rps"), 3),
-            "all_runs": {
-                "latency_direct": lat_direct,
-                "latency_gateway": lat_gw,
-                "max_direct": max_direct,
-                "max_gateway": max_gw,
-                "requests_per_gateway_cpu_s": per_cpu,
-            },  # fmt: skip
+            "all_runs": all_runs,
         }
     served = stack["redis"].xlen(stack["stream"]) - events_before
     fast = results["fast"]
@@ -311,10 +399,11 @@ def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
         "usage_events_written": served,
         "targets": {"added_p50_ms_max": 1.0, "added_p99_ms_max": 5.0, "requests_per_gateway_core_min": 2000},
         "results": results,
+        # Judged at 4 connections (about 2k req/s through one gateway core), the harder point.
         "meets_targets": {
-            "added_p50": fast["added_latency_ms"]["p50"] <= 1.0,
-            "added_p99": fast["added_latency_ms"]["p99"] <= 5.0,
-            "per_core": fast["through_gateway"]["requests_per_gateway_cpu_s"] >= 2000,
+            "added_p50": fast["latency"]["c4"]["added_p50_ms"] <= 1.0,
+            "added_p99": fast["latency"]["c4"]["added_p99_ms"] <= 5.0,
+            "per_core": fast["requests_per_gateway_cpu_s"] >= 2000,
         },
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +413,10 @@ def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
         print(target, json.dumps({k: v for k, v in row.items() if k != "all_runs"}))
     # Every request that got a 200 was metered exactly once (a request is one event).
     total = sum(
-        r["requests"] for t in results.values() for r in t["all_runs"]["latency_gateway"] + t["all_runs"]["max_gateway"]
+        r["requests"]
+        for t in results.values()
+        for name, rows in t["all_runs"].items()
+        if "gateway" in name and "cpu" not in name
+        for r in rows
     )
-    assert served >= total - THROUGHPUT_CONNECTIONS * 2 * RUNS  # wrk counts only completed requests
+    assert served >= total  # every completed request through the gateway wrote its usage event

@@ -15,6 +15,7 @@ Run: ``.venv/bin/pytest bench/bench_ledger.py -m bench -s`` -> ``bench/results/l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -96,6 +97,41 @@ def _group_drained(r: redis.Redis, stream: str, group: str) -> bool:
     raise AssertionError(f"group {group} vanished")
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (PostgreSQL: postmaster + backends)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().split(") ", 1)[1].split()
+            if int(entry.name) == pid or int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _server_pid(port: int, name: str) -> int:
+    """The pid of the server listening on ``port`` (for CPU accounting)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            # redis-server rewrites its title to "redis-server 127.0.0.1:PORT".
+            if cmd and name.encode() in cmd[0] and (str(port).encode() in cmd or f":{port}".encode() in cmd[0]):
+                return int(entry.name)
+    raise AssertionError(f"no {name} on port {port}")
+
+
+CPU: dict[str, list[float]] = {}
+
+
 def run_workers(database_url: str, redis_url: str, stream: str, workers: int, tmp: Path) -> float:
     url = fresh_db(database_url)
     r = redis.Redis.from_url(redis_url)
@@ -114,7 +150,10 @@ def run_workers(database_url: str, redis_url: str, stream: str, workers: int, tm
         "OPENLEDGER_LOG_LEVEL": "WARNING",
     }
     argv = [sys.executable, "-m", "openledger.cli", "ledger-worker", "--no-upgrade"]
-    procs = [spawn(f"bench-worker-{i}", argv, tmp / f"worker-{group}-{i}.log", detached=False, env=env) for i in range(workers)]
+    procs = [
+        spawn(f"bench-worker-{i}", argv, tmp / f"worker-{group}-{i}.log", detached=False, env=env)
+        for i in range(workers)
+    ]
     try:
         deadline = time.monotonic() + 60
         # Ready = blocked in XREADGROUP (Redis 7.0 registers a consumer only once it reads something).
@@ -122,6 +161,9 @@ def run_workers(database_url: str, redis_url: str, stream: str, workers: int, tm
             assert time.monotonic() < deadline, "workers did not start:\n" + tail(procs[0].log_path)
             time.sleep(0.05)
         time.sleep(0.3)
+        pg_pid = _server_pid(int(database_url.rsplit(":", 1)[1].split("/")[0]), "postgres")
+        redis_pid = _server_pid(int(redis_url.rsplit(":", 1)[1].split("/")[0]), "redis-server")
+        cpu0 = (sum(_cpu_s(p.pid) for p in procs), _tree_cpu_s(pg_pid), _cpu_s(redis_pid))
         started = time.monotonic()
         r.execute_command("XGROUP", "SETID", stream, group, "0")
         # Done when every entry was delivered and acknowledged (XACK comes only after COMMIT).
@@ -131,6 +173,9 @@ def run_workers(database_url: str, redis_url: str, stream: str, workers: int, tm
                 assert p.alive(), tail(p.log_path)
             time.sleep(0.01)
         elapsed = time.monotonic() - started
+        cpu1 = (sum(_cpu_s(p.pid) for p in procs), _tree_cpu_s(pg_pid), _cpu_s(redis_pid))
+        for name, a, b in zip(("workers", "postgres", "redis"), cpu0, cpu1, strict=True):
+            CPU.setdefault(f"workers_{workers}_{name}_cpu_us_per_event", []).append((b - a) / N_EVENTS * 1e6)
         assert count(url) == N_EVENTS
         return N_EVENTS / elapsed
     finally:
@@ -171,6 +216,7 @@ def raw_copy_rate(database_url: str, events: list[dict[str, str]]) -> tuple[floa
 @pytest.mark.bench
 @pytest.mark.timeout(1200)
 def test_ledger_ingest_throughput(database_url: str, redis_url: str, tmp_path: Path) -> None:
+    load_before = os.getloadavg()[0]
     events = make_events(N_EVENTS)
     stream = f"bench:ledger:{uuid.uuid4().hex[:8]}"
     r = redis.Redis.from_url(redis_url)
@@ -196,12 +242,25 @@ def test_ledger_ingest_throughput(database_url: str, redis_url: str, tmp_path: P
         "batch_size": BATCH,
         "runs": RUNS,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "baseline": {"name": "raw COPY of the same usage_events rows, same table and PostgreSQL", "rows_per_s": round(med["raw_copy"])},
+        "baseline": {
+            "name": "raw COPY of the same usage_events rows, same table and PostgreSQL",
+            "rows_per_s": round(med["raw_copy"]),
+        },
         "results": [
-            {"workers": 1, "events_per_s": round(med["workers_1"]), "x_raw_copy": round(med["workers_1"] / med["raw_copy"], 3)},
-            {"workers": 2, "events_per_s": round(med["workers_2"]), "x_raw_copy": round(med["workers_2"] / med["raw_copy"], 3)},
+            {
+                "workers": 1,
+                "events_per_s": round(med["workers_1"]),
+                "x_raw_copy": round(med["workers_1"] / med["raw_copy"], 3),
+            },
+            {
+                "workers": 2,
+                "events_per_s": round(med["workers_2"]),
+                "x_raw_copy": round(med["workers_2"] / med["raw_copy"], 3),
+            },
         ],
         "all_runs": {k: [round(x) for x in v] for k, v in rows.items()},
+        "cpu_us_per_event_median": {k: round(statistics.median(v), 2) for k, v in CPU.items()},
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
         "targets": {"events_per_s": 50_000, "x_raw_copy": 0.5},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -155,7 +155,9 @@ async def write_config(config: AgentConfig, previous: AgentConfig | None) -> int
     old_key = apikey_key(old_hash) if old_hash else apikey_key(config.key_hash)
     spent = keys.spent(period_id(config.budget_period, datetime.now(UTC).timestamp()))
     script = _APPLY.replace("ARGV_QUANTUM", str(argv.index("quantum") + 2))
-    version = await _redis().eval(script, 5, keys.config, apikey_key(config.key_hash), old_key, keys.queue, spent, *argv)
+    version = await _redis().eval(
+        script, 5, keys.config, apikey_key(config.key_hash), old_key, keys.queue, spent, *argv
+    )
     if int(version) < 0:
         raise kopf.TemporaryError("agent config changed concurrently; retrying", delay=1)
     return int(version)
@@ -256,8 +258,12 @@ async def apply_agent(agent: Mapping[str, Any], *, rotated: bool = False) -> dic
     except aioredis.RedisError as exc:
         raise kopf.TemporaryError(f"Redis unavailable: {exc}", delay=2) from None
     if issued:
-        await kube.emit_event(await _api(), agent, "KeyRotated" if rotated else "KeyIssued",
-                              f"API key delivered in Secret {secret_name(meta['name'], spec)}")  # fmt: skip
+        await kube.emit_event(
+            await _api(),
+            agent,
+            "KeyRotated" if rotated else "KeyIssued",
+            f"API key delivered in Secret {secret_name(meta['name'], spec)}",
+        )
     log.info("agent applied", extra={"action": "apply", "agent": ref, "version": version, "key_issued": issued})
     return agent_status(config, usage, previous_status, generation, secret_name(meta["name"], spec), rotated and issued)
 
@@ -353,9 +359,13 @@ async def agent_usage(
     _rate_limited[ref] = usage.rate_limited
     throttled = last is not None and usage.rate_limited > last
     new = agent_status(
-        config, usage, dict(status), status.get("observedGeneration"), str(status.get("secretName", "")),
+        config,
+        usage,
+        dict(status),
+        status.get("observedGeneration"),
+        str(status.get("secretName", "")),
         throttled=throttled,
-    )  # fmt: skip
+    )
     changed = {k: v for k, v in new.items() if k != "conditions" and status.get(k) != v}
     if changed or last != usage.rate_limited:
         patch.status.update(changed)

@@ -169,13 +169,22 @@ def agent_status(
     if phase == "Ready" and throttled:
         phase = "Throttled"
     conditions: list[Condition] = [
-        condition("CredentialsIssued", True, "KeyRotated" if rotated else "KeyIssued", f"API key in Secret {secret}",
-                  generation=generation),
-        condition("LimitsApplied", True, "Applied",
-                  f"config version {config.version} in Redis; {usage.rate_limited} requests rate limited",
-                  generation=generation),
+        condition(
+            "CredentialsIssued",
+            True,
+            "KeyRotated" if rotated else "KeyIssued",
+            f"API key in Secret {secret}",
+            generation=generation,
+        ),
+        condition(
+            "LimitsApplied",
+            True,
+            "Applied",
+            f"config version {config.version} in Redis; {usage.rate_limited} requests rate limited",
+            generation=generation,
+        ),
         condition("Ready", True, phase, "the gateway accepts this Agent's key", generation=generation),
-    ]  # fmt: skip
+    ]
     status: dict[str, Any] = {
         "phase": phase,
         "secretName": secret,

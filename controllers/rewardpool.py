@@ -69,6 +69,8 @@ class RewardPools:
     redis: Any | None
     database_url: str
     settlers: dict[str, _Runtime] = field(default_factory=dict)
+    # pool -> distributor address, shared with the claims server (its answers name the contract).
+    distributors: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
         for runtime in self.settlers.values():
@@ -133,6 +135,7 @@ class RewardPools:
         refs = rb.secret_refs(spec)
         rpc = await self._secret_value(namespace, *refs["rpcUrl"], "spec.chain.rpcUrlSecretRef")
         key = await self._secret_value(namespace, *refs["signerKey"], "spec.chain.signerKeySecretRef")
+        rb.check_secrets(rpc, key)
         return ChainSecrets(rpc_url=rpc, signer_key=key)
 
     # ------------------------------------------------------------------ pass
@@ -159,6 +162,7 @@ class RewardPools:
         epoch_seconds = int(spec.get("epochSeconds", 3600))
         try:
             config = rb.pool_config(namespace, name, spec)
+            self.distributors[config.pool] = config.distributor
             models = await self.sync_bindings(namespace, name, spec)
             settled = None
             if settle:
@@ -197,8 +201,17 @@ def _pools(memo: Any) -> RewardPools:
     pools: RewardPools | None = getattr(memo, "rewardpools", None)
     if pools is None:
         pools = RewardPools(memo.kube, getattr(memo, "redis", None), get_settings().database_url)
+        pools.distributors = _distributors(memo)
         memo.rewardpools = pools
     return pools
+
+
+def _distributors(memo: Any) -> dict[str, str]:
+    shared: dict[str, str] | None = getattr(memo, "claims_distributors", None)
+    if shared is None:
+        shared = {}
+        memo.claims_distributors = shared
+    return shared
 
 
 @kopf.on.startup()
@@ -207,7 +220,7 @@ async def _rewardpool_startup(memo: kopf.Memo, **_: Any) -> None:
     if settings.claims_port:
         from openledger.settlement.claims import ClaimsServer
 
-        server = ClaimsServer(settings.database_url, settings.bind_host, settings.claims_port)
+        server = ClaimsServer(settings.database_url, settings.bind_host, settings.claims_port, _distributors(memo))
         try:
             await asyncio.to_thread(server.start)
         except OSError as exc:  # e.g. a second operator (standby) on the same host: proofs are optional

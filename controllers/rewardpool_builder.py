@@ -5,13 +5,14 @@ No I/O here; ``rewardpool.py`` is the Kopf shell. Every error names the field.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from openledger.controllers.conditions import condition, merge_conditions, now_rfc3339
 from openledger.money import MoneyError, to_base_units, to_decimal_string
 from openledger.settlement.errors import ConfigError
-from openledger.settlement.settler import PoolConfig, PoolStatus
+from openledger.settlement.pool import PoolConfig, PoolStatus
 from openledger.wire import PoolBinding, object_ref
 
 DECIMALS = 18  # RewardPool amounts are in the pool token's units; the API default
@@ -33,6 +34,17 @@ def secret_refs(spec: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     """``{"rpcUrl": (secret, key), "signerKey": (secret, key)}``."""
     chain = spec.get("chain") or {}
     return {"rpcUrl": _secret_ref(chain, "rpcUrlSecretRef"), "signerKey": _secret_ref(chain, "signerKeySecretRef")}
+
+
+_KEY_RE = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+
+
+def check_secrets(rpc_url: str, signer_key: str) -> None:
+    """Shape checks of the Secret values; messages name the field, never the value."""
+    if not rpc_url.startswith(("http://", "https://")):
+        raise RewardPoolSpecError("spec.chain.rpcUrlSecretRef: the value is not an http(s):// URL")
+    if not _KEY_RE.match(signer_key):
+        raise RewardPoolSpecError("spec.chain.signerKeySecretRef: the value is not a private key (0x + 64 hex)")
 
 
 def pool_config(namespace: str, name: str, spec: Mapping[str, Any]) -> PoolConfig:
@@ -184,6 +196,7 @@ def _rfc3339(unix_s: int) -> str:
 __all__ = [
     "RewardPoolSpecError",
     "binding",
+    "check_secrets",
     "pool_config",
     "pool_status",
     "secret_refs",

@@ -117,7 +117,9 @@ class Gateway:
         self._released: dict[str, asyncio.Event] = {}
         self._queued: dict[str, int] = {}
         self._counters: dict[tuple[str, str, int], Any] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._periods: dict[str, tuple[str, int, int]] = {}
+        self._plans: dict[tuple[str, int, str, str], tuple[list[str], tuple[str, str], tuple[str, ...]]] = {}
         # The in-flight ttl must outlive any request, so a live request is never reclaimed.
         self.inflight_ttl_us = int((self.timeout_s * MAX_ATTEMPTS + 3600) * 1e6)
 
@@ -180,12 +182,24 @@ class Gateway:
             agent_label = getattr(rej, "agent", agent_label)
             model_label = getattr(rej, "model", model_label)
             await self._send_error(send, route.protocol, rej)
+        except Exception:  # the one boundary where any bug becomes a 500 in the protocol's shape
+            log.exception("request failed", extra={"action": "request", "path": path})
+            status = 500
+            await self._send_error(send, route.protocol, Reject(500, "internal_error", "internal gateway error"))
         finally:
             elapsed = time.perf_counter() - started
             m.DURATION.observe(elapsed)
             if upstream_s:
                 m.OVERHEAD.observe(max(0.0, elapsed - upstream_s))
             self._count(model_label, agent_label, status)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """A labelled child, cached (prometheus-client's labels() takes a lock and builds a tuple each call)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _count(self, model: str, agent: str, status: int) -> None:
         key = (model, agent, status)
@@ -252,8 +266,9 @@ class Gateway:
             raise Reject(400, "missing_model", "model: required", param="model")
         model_ref = f"{agent.namespace}/{name}"
         if name not in agent.models:
+            # Labelled "-": a client's arbitrary model names must not become metric label values.
             raise _tag(
-                Reject(403, "model_not_allowed", f"agent may not call model {name!r}", param="model"), agent, model_ref
+                Reject(403, "model_not_allowed", f"agent may not call model {name!r}", param="model"), agent, "-"
             )
         model_route, pool = await self._route(model_ref)
         if model_route is None:
@@ -338,14 +353,20 @@ class Gateway:
                 fee_bps=pool.fee_bps if pool else 0,
             )
             delta = (tokens_in + tokens_out) - shape.estimated_tokens
-            await self._settle(
-                agent, keys, request_id, agent.cost_quanta(cost), delta, event if upstream.reached else None
-            )
+            try:
+                await self._settle(
+                    agent, keys, request_id, agent.cost_quanta(cost), delta, event if upstream.reached else None
+                )
+            except (RedisUnavailable, RedisError):
+                # No usage event could be written: the answer is withheld (never served unmetered).
+                log.error("metering failed; answer withheld", extra={"action": "settle", "request": request_id})
+                rej = Reject(503, "metering_unavailable", "usage could not be recorded; retry", 1)
+                raise _tag(rej, agent, model_ref) from None
             settled = True
         finally:
             if not settled:
                 # Cancelled or failed before settling: release (and record the event if the model was reached).
-                await asyncio.shield(self._release_after_failure(agent, keys, request_id, upstream, shape, started_ms))
+                await asyncio.shield(self._release_after_failure(agent, keys, request_id, shape))
         if not upstream.reached:
             raise _tag(
                 Reject(502, "upstream_unavailable", f"model {model_ref.split('/')[1]!r} is unreachable", 1),
@@ -368,9 +389,7 @@ class Gateway:
         agent: AgentConfig,
         keys: AgentKeys,
         request_id: str,
-        upstream: _Upstream | None,
         shape: RequestShape,
-        started_ms: int,
     ) -> None:
         try:
             await self._settle(agent, keys, request_id, 0, -shape.estimated_tokens, None)
@@ -465,7 +484,7 @@ class Gateway:
                             self._queue_gauge(agent.ref, -1)
                         remaining = int(reply[1]) if reply[1] not in (b"", "") else None
                         if remaining is not None:
-                            m.BUDGET_REMAINING.labels(agent.ref).set(remaining * agent.budget_quantum)
+                            self._child(m.BUDGET_REMAINING, agent.ref).set(remaining * agent.budget_quantum)
                         return remaining
                     if code == -6:
                         queue_entry = reply[1].decode()
@@ -496,22 +515,39 @@ class Gateway:
     async def _admit_once(
         self, agent: AgentConfig, request_id: str, shape: RequestShape, reserve: int, entry: str, deadline: float
     ) -> list[Any]:
-        keys = AgentKeys(agent.ref)
         now_s = time.time()
         period, spent_ttl_s = self._period(agent.budget_period, now_s)
-        budget = agent.budget_quanta
+        keys, head, tail = self._admit_plan(agent, period)
         deadline_us = int((now_s + agent.queue_max_wait_ms / 1000) * 1e6)
-        result: list[Any] = await self.redis.evalsha(
-            ADMIT,
-            [apikey_key(agent.key_hash), keys.config, keys.inflight, keys.reserved, keys.spent(period),
-             keys.rate_requests, keys.rate_tokens, keys.queue, keys.stats],
-            [agent.ref, str(agent.version), request_id, "", repr(float(agent.requests_per_second)), str(agent.burst),
-             repr(agent.tokens_per_minute / 60), str(agent.tokens_per_minute), str(shape.estimated_tokens),
-             str(agent.max_concurrency), str(self.inflight_ttl_us), str(reserve), "" if budget is None else str(budget),
-             "1" if agent.budget_enforcement == "Hard" else "0", str(spent_ttl_s),
-             str(agent.queue_max_depth), entry, str(deadline_us)],
-        )  # fmt: skip
+        args = [*head, request_id, "", *tail[:4], str(shape.estimated_tokens), tail[4], tail[5], str(reserve),
+                tail[6], tail[7], str(spent_ttl_s), tail[8], entry, str(deadline_us)]  # fmt: skip
+        result: list[Any] = await self.redis.evalsha(ADMIT, keys, args)
         return result
+
+    def _admit_plan(self, agent: AgentConfig, period: str) -> tuple[list[str], tuple[str, str], tuple[str, ...]]:
+        """The admit.lua keys and constant arguments of one agent config version (built once)."""
+        cache_key = (agent.ref, agent.version, agent.key_hash, period)
+        plan = self._plans.get(cache_key)
+        if plan is None:
+            if len(self._plans) > 10_000:  # bounded: configs of departed agents and past periods
+                self._plans.clear()
+            k = AgentKeys(agent.ref)
+            keys = [apikey_key(agent.key_hash), k.config, k.inflight, k.reserved, k.spent(period), k.rate_requests,
+                    k.rate_tokens, k.queue, k.stats]  # fmt: skip
+            budget = agent.budget_quanta
+            tail = (
+                repr(float(agent.requests_per_second)),
+                str(agent.burst),
+                repr(agent.tokens_per_minute / 60),
+                str(agent.tokens_per_minute),
+                str(agent.max_concurrency),
+                str(self.inflight_ttl_us),
+                "" if budget is None else str(budget),
+                "1" if agent.budget_enforcement == "Hard" else "0",
+                str(agent.queue_max_depth),
+            )
+            plan = self._plans[cache_key] = (keys, (agent.ref, str(agent.version)), tail)
+        return plan
 
     def _admit_reject(self, agent: AgentConfig, reply: list[Any]) -> Reject:
         code = reply[0]
@@ -581,9 +617,13 @@ class Gateway:
     ) -> None:
         period, spent_ttl_s = self._period(agent.budget_period, time.time())
         args: list[str | bytes | int | float] = [
-            request_id, str(cost_quanta), str(spent_ttl_s), str(token_delta),
-            repr(agent.tokens_per_minute / 60), "1" if event is not None else "0",
-        ]  # fmt: skip
+            request_id,
+            str(cost_quanta),
+            str(spent_ttl_s),
+            str(token_delta),
+            repr(agent.tokens_per_minute / 60),
+            "1" if event is not None else "0",
+        ]
         if event is not None:
             for k, v in event.to_fields().items():
                 args.append(k)
@@ -604,7 +644,7 @@ class Gateway:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
         if event is not None:
-            m.USAGE_EVENTS.labels(event.outcome).inc()
+            self._child(m.USAGE_EVENTS, event.outcome).inc()
         released = self._released.pop(agent.ref, None)
         if released is not None:
             released.set()
@@ -626,7 +666,7 @@ class Gateway:
             result = await self._attempt(url, raw, max(0.001, deadline - time.monotonic()))
             result.upstream_s = time.perf_counter() - t0
             failed = not result.reached or result.outcome == "timeout" or result.status >= 500
-            m.UPSTREAM_ATTEMPTS.labels(model_ref, _attempt_result(result)).inc()
+            self._child(m.UPSTREAM_ATTEMPTS, model_ref, _attempt_result(result)).inc()
             if not failed:
                 breaker.record_success()
                 return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -152,7 +153,7 @@ class RedisClient:
         finally:
             timer.cancel()
 
-    async def evalsha(self, script: Script, keys: list[str], args: list[str | bytes | int | float]) -> Any:
+    async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int | float]) -> Any:
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except RedisError as exc:

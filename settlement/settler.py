@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -37,59 +37,13 @@ from openledger.settlement.chain.distributor import PUBLISH_GAS, Distributor, pu
 from openledger.settlement.chain.rpc import Chain, make_web3
 from openledger.settlement.chain.txmanager import TxManager
 from openledger.settlement.crash import crash_point
-from openledger.settlement.errors import ChainUnavailable, ConfigError, ContractReverted
+from openledger.settlement.errors import ChainUnavailable, ContractReverted
 from openledger.settlement.ledger.db import libpq_url
 from openledger.settlement.metrics import EPOCHS_SETTLED, LAG_EPOCHS, PENDING_BASE_UNITS, SETTLED_BASE_UNITS
+from openledger.settlement.pool import ChainSecrets, PoolConfig, PoolStatus
 
 log = logging.getLogger(__name__)
 ZERO_ROOT = "0x" + "00" * 32
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """What the settler needs of a RewardPool spec (no secrets)."""
-
-    pool: str  # namespace/name
-    epoch_seconds: int
-    min_payout: int  # base units
-    chain_id: int
-    distributor: str
-    confirmations: int = 2
-    paused: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epoch_seconds <= 0:
-            raise ConfigError(f"spec.epochSeconds: {self.epoch_seconds} must be positive")
-        if self.confirmations < 1:
-            raise ConfigError(f"spec.chain.confirmations: {self.confirmations} must be at least 1")
-        if not Web3.is_address(self.distributor):
-            raise ConfigError(f"spec.chain.distributorAddress: {self.distributor!r} is not an address")
-
-
-@dataclass(frozen=True)
-class ChainSecrets:
-    """Read from Kubernetes Secrets (or the environment); never logged, never in status."""
-
-    rpc_url: str = field(repr=False)
-    signer_key: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class PoolStatus:
-    """What the controller writes to ``status`` (amounts as int base units)."""
-
-    current_epoch: int
-    last_settled_epoch: int
-    last_root: str
-    last_tx_hash: str
-    pending_amount: int
-    settled_total: int
-    lag_epochs: int
-    chain_reachable: bool
-    chain_message: str = ""
-    events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message) for Kubernetes Events
-    publishing_epoch: int = 0
-    blocked_message: str = ""  # why the next publication would revert (allowance, funds, role, paused)
 
 
 class Settler:
@@ -184,6 +138,9 @@ class Settler:
                 ep.commit_settlement(self.conn, pool, inflight.epoch, status.tx_hash)
                 EPOCHS_SETTLED.labels(pool).inc()
                 events.append(("Normal", "EpochSettled", f"epoch {inflight.epoch} settled in {status.tx_hash}"))
+                return events
+            if status.state == "none":  # no transaction was ever persisted for it: publish again
+                ep.reopen(self.conn, pool, inflight.epoch)
                 return events
             if status.state in ("reverted", "failed"):
                 done = self._already_on_chain(inflight)

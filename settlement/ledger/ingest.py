@@ -190,9 +190,10 @@ class Parser:
         )
 
     def _cache_shape(self, key: tuple[bytes, ...]) -> tuple[Shape, int, int, int]:
-        shape = self._shapes.get(key[:5])
+        payer, owner, pool, fee_bps, contributors = key[:5]
+        shape = self._shapes.get((payer, owner, pool, fee_bps, contributors))
         if shape is None:
-            shape = self._shape(*key[:5])
+            shape = self._shape(payer, owner, pool, fee_bps, contributors)
         if len(self._cache) >= _SHAPE_CACHE_MAX:
             self._cache.clear()
         cached = self._cache[key] = (shape, int(key[5]), int(key[6]), int(key[7]))

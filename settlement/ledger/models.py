@@ -97,17 +97,23 @@ class JournalEntry(Base):
 
 
 class Posting(Base):
-    """One account's amount in one entry: credit > 0, debit < 0. ``pool`` is the entry's."""
+    """One account's amount in one entry: credit > 0, debit < 0. ``pool`` is the entry's.
+
+    The primary key leads with the account (traces and balances read by account);
+    ``(pool, entry_id)`` serves settlement. ``account`` has no foreign key: the
+    per-row check would lock the hot account rows (multixacts between workers);
+    the writer inserts the accounts first in the same transaction and
+    ``ledger verify`` checks that every posting's account exists.
+    """
 
     __tablename__ = "postings"
     __table_args__ = (
         CheckConstraint("amount <> 0", name="amount_nonzero"),
-        Index("ix_postings_account_entry", "account", "entry_id"),
         Index("ix_postings_pool_entry", "pool", "entry_id"),
     )
 
+    account: Mapped[str] = mapped_column(Text, primary_key=True)
     entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), primary_key=True)
-    account: Mapped[str] = mapped_column(Text, ForeignKey("accounts.key"), primary_key=True)
     pool: Mapped[str] = mapped_column(Text)
     amount: Mapped[int] = mapped_column(Money)
 

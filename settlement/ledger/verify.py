@@ -65,6 +65,11 @@ _QUICK_CHECKS: list[tuple[str, str]] = [
         "WHERE NOT EXISTS (SELECT 1 FROM postings p WHERE p.entry_id = e.id)",
     ),
     (
+        "posting_account",
+        "SELECT 'entry ' || p.entry_id || ' account ' || p.account, 'account does not exist' FROM postings p "
+        "WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.key = p.account)",
+    ),
+    (
         "posting_pool",
         "SELECT 'entry ' || e.id || ' account ' || p.account, 'posting pool ' || quote_literal(p.pool) || "
         "' but entry pool ' || quote_literal(e.pool) FROM postings p JOIN journal_entries e ON e.id = p.entry_id "

@@ -215,8 +215,8 @@ class BatchWriter:
         if accounts:
             cur.execute(
                 "INSERT INTO accounts (key, kind, ref) SELECT k, split_part(k, ':', 1), substr(k, strpos(k, ':') + 1) "
-                "FROM unnest(string_to_array(%s, E'\\n')) AS k ON CONFLICT (key) DO NOTHING",
-                ("\n".join(accounts),),
+                "FROM unnest(%s::text[]) AS k ON CONFLICT (key) DO NOTHING",
+                (_array(accounts),),
             )
         with cur.copy("COPY postings (entry_id, account, pool, amount) FROM STDIN") as copy:
             for e in plan.entries:
@@ -227,21 +227,18 @@ class BatchWriter:
         result.entry_ids = [first + e.entry_offset for e in plan.entries]
         # Postcondition, read back inside the transaction: every entry sums to zero.
         unbalanced = cur.execute(
-            "SELECT entry_id, sum(amount)::text FROM postings WHERE entry_id BETWEEN %s AND %s "
-            "GROUP BY entry_id HAVING sum(amount) <> 0",
-            (first, last),
+            "SELECT entry_id, sum(amount)::text FROM postings WHERE pool = ANY(%s) AND entry_id BETWEEN %s AND %s "
+            "GROUP BY entry_id HAVING sum(amount) <> 0 OR count(*) = 0",
+            ([e.pool for e in plan.entries], first, last),
         ).fetchall()
         invariant(not unbalanced, f"entries do not balance after writing: {unbalanced[:5]}")
         deltas = plan.balance_deltas()
-        # Rows travel as one text parameter ("account\tamount" lines): psycopg's array
-        # dumper costs microseconds per element, this costs nothing.
         cur.execute(
             "INSERT INTO account_balances (account, balance, last_entry_id) "
-            "SELECT split_part(l, E'\\t', 1), split_part(l, E'\\t', 2)::numeric, %s "
-            "FROM unnest(string_to_array(%s, E'\\n')) AS l "
+            "SELECT a, b, %s FROM unnest(%s::text[], %s::numeric[]) AS x(a, b) "
             "ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + EXCLUDED.balance, "
             "last_entry_id = GREATEST(account_balances.last_entry_id, EXCLUDED.last_entry_id), updated_at = now()",
-            (last, "\n".join(f"{a}\t{v}" for a, v in deltas.items())),
+            (last, _array(list(deltas)), _array([str(v) for v in deltas.values()])),
         )
         self._write_spend(cur, plan)
 
@@ -249,15 +246,18 @@ class BatchWriter:
     def _write_spend(cur: psycopg.Cursor[tuple[object, ...]], plan: BatchPlan) -> None:
         if not plan.spend:
             return
-        rows = "\n".join(f"{agent}\t{hour}\t{v[0]}\t{v[1]}" for (agent, hour), v in sorted(plan.spend.items()))
+        keys = sorted(plan.spend)
         cur.execute(
             "INSERT INTO agent_spend_hourly (agent, hour_start, amount, events) "
-            "SELECT split_part(l, E'\\t', 1), to_timestamp(split_part(l, E'\\t', 2)::bigint * 3600), "
-            "split_part(l, E'\\t', 3)::numeric, split_part(l, E'\\t', 4)::bigint "
-            "FROM unnest(string_to_array(%s, E'\\n')) AS l "
-            "ON CONFLICT (agent, hour_start) DO UPDATE SET amount = agent_spend_hourly.amount + EXCLUDED.amount, "
-            "events = agent_spend_hourly.events + EXCLUDED.events",
-            (rows,),
+            "SELECT a, to_timestamp(h * 3600), m, n FROM unnest(%s::text[], %s::bigint[], %s::numeric[], %s::bigint[]) "
+            "AS x(a, h, m, n) ON CONFLICT (agent, hour_start) DO UPDATE SET amount = agent_spend_hourly.amount "
+            "+ EXCLUDED.amount, events = agent_spend_hourly.events + EXCLUDED.events",
+            (
+                _array([k[0] for k in keys]),
+                _array([str(k[1]) for k in keys]),
+                _array([str(plan.spend[k][0]) for k in keys]),
+                _array([str(plan.spend[k][1]) for k in keys]),
+            ),
         )
 
     @staticmethod
@@ -278,6 +278,12 @@ class BatchWriter:
                 extra={"action": "quarantine", "event_id": c.event_id, "stream_id": c.stream_id, "reason": c.reason},
             )
         return new, len(conflicts)
+
+
+def _array(items: list[str]) -> str:
+    """A PostgreSQL array literal, passed as one text parameter (psycopg's list dumper costs
+    microseconds per element). Every element is double-quoted and escaped."""
+    return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
 
 
 def record_fields(record: EventRecord) -> dict[str, str]:

@@ -26,7 +26,12 @@ ACCOUNT = "0x" + "Ab" * 20
 def test_spec_becomes_the_enforced_config_with_crd_defaults() -> None:
     config = agent_config("ns/a", {"account": ACCOUNT, "models": ["m2", "m1", "m1"]}, "hash")
     assert config.account == ACCOUNT.lower() and config.models == ("m1", "m2")
-    assert (config.requests_per_second, config.burst, config.tokens_per_minute, config.max_concurrency) == (10, 20, 100000, 8)
+    assert (config.requests_per_second, config.burst, config.tokens_per_minute, config.max_concurrency) == (
+        10,
+        20,
+        100000,
+        8,
+    )
     assert (config.queue_max_depth, config.queue_max_wait_ms, config.budget_base_units) == (1000, 30000, None)
 
 
@@ -61,12 +66,17 @@ def test_unchanged_spec_needs_no_new_version() -> None:
 
 
 def test_secret_is_owned_by_the_agent_and_holds_only_the_key() -> None:
-    agent = {"apiVersion": "openledger.io/v1alpha1", "metadata": {"name": "bot", "namespace": "ns", "uid": "u1"}, "spec": {}}
+    agent = {
+        "apiVersion": "openledger.io/v1alpha1",
+        "metadata": {"name": "bot", "namespace": "ns", "uid": "u1"},
+        "spec": {},
+    }
     key = new_api_key()
     secret = credentials_secret(agent, key)
     assert secret["metadata"]["name"] == "bot-credentials" == secret_name("bot", {})
-    assert secret["metadata"]["ownerReferences"][0] | {"uid": "u1", "kind": "Agent", "controller": True} == (
-        secret["metadata"]["ownerReferences"][0]
+    assert (
+        secret["metadata"]["ownerReferences"][0] | {"uid": "u1", "kind": "Agent", "controller": True}
+        == (secret["metadata"]["ownerReferences"][0])
     )
     assert base64.b64decode(secret["data"]["apiKey"]).decode() == key and api_key_from_secret(secret) == key
     assert api_key_from_secret({"data": {}}) is None and secret_name("bot", {"credentialsSecretName": "x"}) == "x"

@@ -27,7 +27,9 @@ def test_paths_map_to_protocols_and_upstream_paths() -> None:
 
 def test_errors_use_each_protocols_shape() -> None:
     openai = json.loads(error_body("openai", 429, "rate_limited", "slow down"))
-    assert openai == {"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limited", "param": None}}
+    assert openai == {
+        "error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limited", "param": None}
+    }
     assert json.loads(error_body("v1", 401, "invalid_api_key", "no")) == {"error": "no"}
     assert json.loads(error_body("v2", 402, "budget_exhausted", "broke")) == {"error": "broke"}
 
@@ -72,8 +74,16 @@ def test_charged_usage_never_exceeds_the_reserved_bound() -> None:
 
 
 def test_agent_config_round_trips_and_names_missing_fields() -> None:
-    config = AgentConfig(ref="ns/a", account="0x" + "1" * 40, models=("m1", "m2"), requests_per_second=2.5,
-                         budget_base_units=10**20, budget_quantum=choose_quantum(10**20), key_hash="h", version=3)  # fmt: skip
+    config = AgentConfig(
+        ref="ns/a",
+        account="0x" + "1" * 40,
+        models=("m1", "m2"),
+        requests_per_second=2.5,
+        budget_base_units=10**20,
+        budget_quantum=choose_quantum(10**20),
+        key_hash="h",
+        version=3,
+    )
     assert AgentConfig.from_fields(config.to_fields()) == config
     raw = config.to_fields()
     del raw["burst"]
@@ -94,10 +104,12 @@ def test_budget_quanta_stay_exact_in_lua_doubles() -> None:
 
 def test_budget_periods_are_utc_calendar_periods() -> None:
     t = 1_795_618_167  # 2026-11-25T14:49:27Z
-    assert period_id("Hour", t) == "2026112514" and period_id("Day", t) == "20261125" and period_id("Month", t) == "202611"
+    assert (
+        period_id("Hour", t) == "2026112514" and period_id("Day", t) == "20261125" and period_id("Month", t) == "202611"
+    )
     start, end = period_bounds_s("Month", t)
     assert end - start == 30 * 86400
-    with pytest.raises(ValueError, match="budget.period"):
+    with pytest.raises(ValueError, match=r"budget\.period"):
         period_id("Week", t)
 
 

@@ -143,6 +143,8 @@ def _ok_fields() -> dict[str, str]:
         ({"extra": "{not json"}, "'extra'"),
         ({"agent": "a\x00b"}, "'agent'"),
         ({"model": None}, "'model'"),
+        ({"pool": "ns/pool\twith-tab"}, "'pool'"),
+        ({"pool": "no-slash"}, "'pool'"),
     ],
 )
 def test_poison_events_are_rejected_naming_the_field(change: dict[str, str | None], field: str) -> None:
@@ -162,3 +164,10 @@ def test_failed_requests_are_recorded_without_an_entry() -> None:
     assert plan.entries == []
     assert plan.copy_data(1).endswith(b"\\N\n")
     assert plan.spend == {("a/x", 0): [0, 1]}
+
+
+def test_array_literals_quote_every_element() -> None:
+    from openledger.settlement.ledger.writer import _array
+
+    assert _array(['a"b', "c\\d", "owner:0xab", "ns/pool"]) == '{"a\\"b","c\\\\d","owner:0xab","ns/pool"}'
+    assert _array([]) == "{}"

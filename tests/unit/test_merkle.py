@@ -93,8 +93,8 @@ def test_every_proof_verifies_and_all_proofs_equals_single_proofs(amounts: dict[
 
 
 @settings(max_examples=40, deadline=None)
-@given(payouts, addresses, st.integers(min_value=1, max_value=10**30))
-def test_a_changed_amount_changes_the_root(amounts: dict[str, int], account: str, delta: int) -> None:
+@given(payouts, st.integers(min_value=1, max_value=10**30))
+def test_a_changed_amount_changes_the_root(amounts: dict[str, int], delta: int) -> None:
     before = build_tree(amounts).root
     changed = dict(amounts)
     key = next(iter(changed))

@@ -72,7 +72,9 @@ def test_protocol_versions(protocol: str, version: str) -> None:
 
 
 def test_gpus_become_limits_node_selector_and_nvidia_toleration() -> None:
-    pred = predictor(make_model(resources={"gpus": 2, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "cpu": "4", "memory": "32Gi"}))
+    pred = predictor(
+        make_model(resources={"gpus": 2, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "cpu": "4", "memory": "32Gi"})
+    )
     assert pred["model"]["resources"] == {
         "limits": {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "2"},
         "requests": {"cpu": "4", "memory": "32Gi"},
@@ -154,7 +156,13 @@ def test_missing_owner_reference_is_added_without_dropping_others() -> None:
 def test_route_carries_price_in_base_units_and_lowercased_accounts() -> None:
     model = make_model(
         protocol="openai",
-        pricing={"token": "OPEN", "decimals": 18, "perRequest": "1", "perInputToken": "0.000001", "perOutputToken": "0"},
+        pricing={
+            "token": "OPEN",
+            "decimals": 18,
+            "perRequest": "1",
+            "perInputToken": "0.000001",
+            "perOutputToken": "0",
+        },
         contributors=[{"account": CONTRIB.upper().replace("0X", "0x"), "shareBps": 1500, "role": "data"}],
     )
     route = mb.model_route(model, "http://llama.team-a")

@@ -52,6 +52,15 @@ def test_bad_spec_names_the_field(change: dict[str, Any], field: str) -> None:
         rb.pool_config("ns", "pool", spec(**change))
 
 
+def test_secret_values_are_shape_checked_without_echoing_them() -> None:
+    rb.check_secrets("http://rpc:8545", "0x" + "ab" * 32)
+    with pytest.raises(rb.RewardPoolSpecError, match="rpcUrlSecretRef") as bad_url:
+        rb.check_secrets("ftp://secret-host", "0x" + "ab" * 32)
+    with pytest.raises(rb.RewardPoolSpecError, match="signerKeySecretRef") as bad_key:
+        rb.check_secrets("http://rpc:8545", "not-a-key-SECRET")
+    assert "secret-host" not in str(bad_url.value) and "SECRET" not in str(bad_key.value)
+
+
 def test_missing_secret_ref_names_the_field() -> None:
     bad = spec()
     del bad["chain"]["signerKeySecretRef"]

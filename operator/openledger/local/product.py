@@ -41,7 +41,6 @@ def _operator(endpoints: Endpoints, port: Callable[[str], int]) -> ProductProces
 PRODUCT_PROCESSES.append(_operator)
 
 
-
 def _standin(endpoints: Endpoints, port: Callable[[str], int]) -> ProductProcess:
     # LOCAL STAND-IN for KServe: serves InferenceServices on loopback (never in the chart).
     return ProductProcess(name="serving-standin", args=["standin", "run"])
@@ -63,3 +62,17 @@ def _gateway(endpoints: Endpoints, port: Callable[[str], int]) -> ProductProcess
 
 PRODUCT_PROCESSES.append(_standin)
 PRODUCT_PROCESSES.append(_gateway)
+
+
+def _ledger_worker(endpoints: Endpoints, port: Callable[[str], int]) -> ProductProcess:
+    # Runs `db upgrade` itself before consuming; its metrics answer once the schema is in place.
+    metrics = port("ledger-metrics")
+    return ProductProcess(
+        name="ledger-worker",
+        args=["ledger-worker", "--metrics-port", str(metrics)],
+        ready_url=f"http://127.0.0.1:{metrics}/metrics",
+        exports={"LEDGER_METRICS_URL": f"http://127.0.0.1:{metrics}/metrics"},
+    )
+
+
+PRODUCT_PROCESSES.append(_ledger_worker)

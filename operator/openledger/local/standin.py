@@ -161,10 +161,13 @@ def _add_openai_routes(app: Any, model: Any) -> None:
                 "created": int(time.time()),
                 "model": model.name,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                "usage": {"prompt_tokens": _count_tokens(prompt_text), "completion_tokens": used,
-                          "total_tokens": _count_tokens(prompt_text) + used},
+                "usage": {
+                    "prompt_tokens": _count_tokens(prompt_text),
+                    "completion_tokens": used,
+                    "total_tokens": _count_tokens(prompt_text) + used,
+                },
             }
-        )  # fmt: skip
+        )
 
     async def chat(request: Request) -> JSONResponse:
         body = await request.json()
@@ -179,12 +182,21 @@ def _add_openai_routes(app: Any, model: Any) -> None:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish, "logprobs": None}],
-                "usage": {"prompt_tokens": _count_tokens(prompt_text), "completion_tokens": used,
-                          "total_tokens": _count_tokens(prompt_text) + used},
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": _count_tokens(prompt_text),
+                    "completion_tokens": used,
+                    "total_tokens": _count_tokens(prompt_text) + used,
+                },
             }
-        )  # fmt: skip
+        )
 
     # This module uses postponed annotations; FastAPI needs the real class to inject the request.
     completions.__annotations__["request"] = Request
@@ -371,8 +383,19 @@ class StandIn:
 
     def _start(self, namespace: str, name: str, kind: str, generation: int) -> _Served:
         port = free_port()
-        argv = [sys.executable, "-m", "openledger.cli", "standin", "serve", "--name", name, "--kind", kind,
-                "--port", str(port)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "openledger.cli",
+            "standin",
+            "serve",
+            "--name",
+            name,
+            "--kind",
+            kind,
+            "--port",
+            str(port),
+        ]
         process = spawn(
             f"model-{namespace}-{name}", argv, self.log_dir / f"model-{namespace}-{name}.log", detached=False
         )

@@ -60,8 +60,19 @@ def model_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelSer
     procs: list[ManagedProcess] = []
     ports = {"iris": free_port(), "llm": free_port()}
     for name, kind in (("iris", "v1"), ("llm", "openai")):
-        argv = [sys.executable, "-m", "openledger.cli", "standin", "serve", "--name", name, "--kind", kind,
-                "--port", str(ports[name])]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "openledger.cli",
+            "standin",
+            "serve",
+            "--name",
+            name,
+            "--kind",
+            kind,
+            "--port",
+            str(ports[name]),
+        ]
         procs.append(spawn(f"model-{name}", argv, logs / f"{name}.log", detached=False))
     try:
         for proc, name in zip(procs, ("iris", "llm"), strict=True):
@@ -88,8 +99,16 @@ class GatewayProcess:
 
     def start(self) -> None:
         self.starts += 1
-        argv = [sys.executable, "-m", "openledger.cli", "gateway", "--port", str(self.port),
-                "--metrics-port", str(self.metrics_port)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "openledger.cli",
+            "gateway",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+        ]
         env = {**self.env, "OPENLEDGER_GATEWAY_USAGE_STREAM": self.stream}
         self.process = spawn("gateway", argv, self.log_dir / f"gateway-{self.starts}.log", detached=False, env=env)
         wait_ready(self.process, lambda: http_ok(f"{self.url}/healthz"), 60)

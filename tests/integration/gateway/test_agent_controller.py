@@ -56,8 +56,13 @@ def operator(kubeconfig: Path, redis_url: str, tmp_path_factory: pytest.TempPath
         "OPENLEDGER_LEADER_RENEW_PERIOD_S": "1",
     }
     log_dir = tmp_path_factory.mktemp("agent-operator")
-    process = spawn("operator", [sys.executable, "-m", "openledger.cli", "operator"], log_dir / "operator.log",
-                    detached=False, env=env)  # fmt: skip
+    process = spawn(
+        "operator",
+        [sys.executable, "-m", "openledger.cli", "operator"],
+        log_dir / "operator.log",
+        detached=False,
+        env=env,
+    )
 
     def ready() -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2) as resp:
@@ -76,15 +81,26 @@ def agent_ns(kube: kubernetes.client.ApiClient) -> str:
 
 
 def _agent(ns: str, name: str, **spec: Any) -> dict[str, Any]:
-    body = {"account": PAYER, "models": ["iris"], "limits": {"requestsPerSecond": 100, "burst": 100},
-            "budget": {"amount": "5", "period": "Day", "enforcement": "Hard"}}  # fmt: skip
+    body = {
+        "account": PAYER,
+        "models": ["iris"],
+        "limits": {"requestsPerSecond": 100, "burst": 100},
+        "budget": {"amount": "5", "period": "Day", "enforcement": "Hard"},
+    }
     body.update(spec)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Agent", "metadata": {"name": name, "namespace": ns}, "spec": body}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Agent",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": body,
+    }
 
 
 def _get(kube: kubernetes.client.ApiClient, ns: str, name: str) -> dict[str, Any] | None:
     try:
-        return dict(kubernetes.client.CustomObjectsApi(kube).get_namespaced_custom_object(GROUP, VERSION, ns, "agents", name))
+        return dict(
+            kubernetes.client.CustomObjectsApi(kube).get_namespaced_custom_object(GROUP, VERSION, ns, "agents", name)
+        )
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -99,6 +115,10 @@ def _secret_key(kube: kubernetes.client.ApiClient, ns: str, name: str) -> str | 
             return None
         raise
     return base64.b64decode(secret.data["apiKey"]).decode() if secret.data and "apiKey" in secret.data else None
+
+
+def agent_status_spent(kube: kubernetes.client.ApiClient, ns: str) -> str | None:
+    return ((_get(kube, ns, "bot") or {}).get("status") or {}).get("spentThisPeriod")
 
 
 def _condition(agent: dict[str, Any] | None, type_: str) -> str | None:
@@ -134,12 +154,30 @@ def test_agent_gets_a_key_limits_and_status_and_the_gateway_accepts_it(
 
     route_model(rds, agent_ns, "iris", model_servers.iris_url)
     assert post(f"{shared_gateway.url}/v1/models/iris:predict", {"instances": [IRIS_ROW]}, key)[0] == 200
-    wait_for(lambda: ((_get(kube, agent_ns, "bot") or {}).get("status") or {}).get("spentThisPeriod") == "0.001", 10,
-             "spentThisPeriod from the status timer")  # fmt: skip
+    wait_for(
+        lambda: ((_get(kube, agent_ns, "bot") or {}).get("status") or {}).get("spentThisPeriod") == "0.001",
+        10,
+        "spentThisPeriod from the status timer",
+    )
+
+    # A budget 10^6 times larger changes Redis's budget quantum: this period's spend is rescaled, not lost.
+    quantum = int(rds.hget(AgentKeys(ref).config, "quantum"))
+    objects.patch_namespaced_custom_object(
+        GROUP, VERSION, agent_ns, "agents", "bot", {"spec": {"budget": {"amount": "5000000"}}}
+    )
+    wait_for(lambda: int(rds.hget(AgentKeys(ref).config, "quantum")) > quantum, 10, "a new budget quantum")
+    wait_for(
+        lambda: ((_get(kube, agent_ns, "bot") or {}).get("status") or {}).get("budgetRemaining") == "4999999.999",
+        10,
+        "the budget remaining after the change",
+    )
+    assert agent_status_spent(kube, agent_ns) == "0.001"
 
     # A spec change is applied with a new config version.
     version = int(rds.hget(AgentKeys(ref).config, "version"))
-    objects.patch_namespaced_custom_object(GROUP, VERSION, agent_ns, "agents", "bot", {"spec": {"limits": {"burst": 7}}})
+    objects.patch_namespaced_custom_object(
+        GROUP, VERSION, agent_ns, "agents", "bot", {"spec": {"limits": {"burst": 7}}}
+    )
     wait_for(lambda: int(rds.hget(AgentKeys(ref).config, "version")) > version, 10, "a new config version")
     assert rds.hget(AgentKeys(ref).config, "burst") == b"7"
 

@@ -26,7 +26,7 @@ def test_v1_v2_and_openai_requests_are_served_and_metered(
     event_id = headers["x-openledger-event-id"]
 
     route_model(rds, namespace, "iris", model_servers.iris_url, "v2")
-    v2 = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": IRIS_ROW + [6.7, 3.0, 5.2, 2.3]}]}
+    v2 = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [*IRIS_ROW, 6.7, 3.0, 5.2, 2.3]}]}
     # The route cache lives 1 s; wait it out so the gateway sees the V2 route.
     import time
 
@@ -99,7 +99,9 @@ def test_bad_bodies_and_protocol_mismatch_name_the_field(
     route_model(rds, namespace, "iris", model_servers.iris_url)
     status, _, body = post(f"{shared_gateway.url}/v1/models/iris:predict", {"rows": []}, key)
     assert status == 400 and body["error"].startswith("instances:")
-    status, _, body = post(f"{shared_gateway.url}/v1/chat/completions", {"model": "iris", "messages": [{"content": "x"}]}, key)
+    status, _, body = post(
+        f"{shared_gateway.url}/v1/chat/completions", {"model": "iris", "messages": [{"content": "x"}]}, key
+    )
     assert status == 400 and body["error"]["code"] == "protocol_mismatch"
     status, _, body = post(f"{shared_gateway.url}/v1/models/nope:predict", {"instances": [IRIS_ROW]}, key)
     assert status == 403

@@ -16,7 +16,15 @@ CHART = Path(__file__).resolve().parents[3] / "charts" / "openledger"
 
 
 def _render(*sets: str, namespace: str = "openledger") -> list[dict[str, Any]]:
-    args = [str(helm_binary()), "template", "ol", str(CHART), "-n", namespace, f"--kube-version={KUBERNETES_VERSION.lstrip('v')}"]
+    args = [
+        str(helm_binary()),
+        "template",
+        "ol",
+        str(CHART),
+        "-n",
+        namespace,
+        f"--kube-version={KUBERNETES_VERSION.lstrip('v')}",
+    ]
     for item in sets:
         args += ["--set", item]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120).stdout
@@ -52,9 +60,7 @@ def test_gateway_can_be_disabled_or_fixed_size() -> None:
 def test_rendered_gateway_is_accepted_by_the_api_server(local_platform: LocalPlatform) -> None:
     namespace = f"ol-gwchart-{secrets.token_hex(3)}"
     local_platform.kubectl("create", "namespace", namespace)
-    text = yaml.safe_dump_all(
-        [o for o in _render(namespace=namespace) if o["metadata"]["name"].endswith("-gateway")]
-    )
+    text = yaml.safe_dump_all([o for o in _render(namespace=namespace) if o["metadata"]["name"].endswith("-gateway")])
     result = local_platform.kubectl("apply", "--dry-run=server", "-f", "-", stdin=text, check=False)
     assert result.returncode == 0, result.stderr
     assert "horizontalpodautoscaler.autoscaling/ol-openledger-gateway created (server dry run)" in result.stdout

@@ -13,8 +13,12 @@ from openledger.gateway.records import AgentKeys, apikey_key
 from tests.integration.gateway.conftest import provision_agent
 
 
-@pytest.mark.parametrize(("rps", "burst", "tpm", "seed"), [(50, 10, 6000, 1), (3, 1, 600, 2), (1000, 200, 10**6, 3), (0.5, 2, 90, 4)])
-def test_admit_script_matches_the_reference(rds: redis.Redis, namespace: str, rps: float, burst: int, tpm: int, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("rps", "burst", "tpm", "seed"), [(50, 10, 6000, 1), (3, 1, 600, 2), (1000, 200, 10**6, 3), (0.5, 2, 90, 4)]
+)
+def test_admit_script_matches_the_reference(
+    rds: redis.Redis, namespace: str, rps: float, burst: int, tpm: int, seed: int
+) -> None:
     key = provision_agent(rds, namespace, rps=rps, burst=burst, tpm=tpm, max_concurrency=0)
     ref = f"{namespace}/agent"
     keys = AgentKeys(ref)
@@ -29,11 +33,38 @@ def test_admit_script_matches_the_reference(rds: redis.Redis, namespace: str, rp
         now += int(rng.expovariate(rps * 1.5) * 1e6)
         cost = rng.randint(1, max(1, tpm // 20))
         reply = script(
-            keys=[apikey_key(config["key_hash"]), keys.config, keys.inflight, keys.reserved, keys.spent("x"),
-                  keys.rate_requests, keys.rate_tokens, keys.queue, keys.stats],
-            args=[ref, config["version"], f"r{i}", str(now), repr(float(rps)), str(burst), repr(tpm / 60), str(tpm),
-                  str(cost), "0", str(10**12), "0", "", "1", "3600", "0", "", "0"],
-        )  # fmt: skip
+            keys=[
+                apikey_key(config["key_hash"]),
+                keys.config,
+                keys.inflight,
+                keys.reserved,
+                keys.spent("x"),
+                keys.rate_requests,
+                keys.rate_tokens,
+                keys.queue,
+                keys.stats,
+            ],
+            args=[
+                ref,
+                config["version"],
+                f"r{i}",
+                str(now),
+                repr(float(rps)),
+                str(burst),
+                repr(tpm / 60),
+                str(tpm),
+                str(cost),
+                "0",
+                str(10**12),
+                "0",
+                "",
+                "1",
+                "3600",
+                "0",
+                "",
+                "0",
+            ],
+        )
         req, tok = gcra_pair(tat_r, tat_t, now, requests, tokens, cost)
         expected_ok = req.allowed and tok.allowed
         if expected_ok:

@@ -22,7 +22,9 @@ from tests.integration.gateway.conftest import (
 )
 
 
-async def _hammer(url: str, key: str, body: dict[str, object], clients: int, duration_s: float) -> tuple[Counter[int], float]:
+async def _hammer(
+    url: str, key: str, body: dict[str, object], clients: int, duration_s: float
+) -> tuple[Counter[int], float]:
     codes: Counter[int] = Counter()
     headers = {"Authorization": f"Bearer {key}"}
     start = time.monotonic()
@@ -56,7 +58,9 @@ def test_request_limiter_holds_the_configured_rate_within_2_percent_over_30_s(
     assert abs(sustained - rate) / rate <= 0.02, (codes, elapsed, sustained)
     assert codes[429] > 0
     assert int(rds.hget(AgentKeys(f"{namespace}/agent").stats, "rate_limited") or 0) == codes[429]
-    assert shared_gateway.metric("openledger_gateway_limiter_rejections_total", agent=f"{namespace}/agent") == codes[429]
+    assert (
+        shared_gateway.metric("openledger_gateway_limiter_rejections_total", agent=f"{namespace}/agent") == codes[429]
+    )
 
 
 def test_token_limit_refuses_with_retry_after_and_too_large_requests_with_413(

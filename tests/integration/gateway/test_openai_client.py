@@ -29,7 +29,10 @@ def test_openai_client_chat_and_completions_end_to_end(
     assert [m.id for m in models.data] == ["llm"]
 
     events = usage_events(rds, shared_gateway.stream, f"{namespace}/agent")
-    assert [int(e["output_tokens"]) for e in events] == [chat.usage.completion_tokens, completion.usage.completion_tokens]
+    assert [int(e["output_tokens"]) for e in events] == [
+        chat.usage.completion_tokens,
+        completion.usage.completion_tokens,
+    ]
 
 
 def test_openai_client_sees_its_own_error_types(

@@ -8,7 +8,14 @@ import time
 import redis
 
 from openledger.gateway.records import AgentKeys
-from tests.integration.gateway.conftest import IRIS_ROW, GatewayProcess, ModelServers, post, provision_agent, route_model
+from tests.integration.gateway.conftest import (
+    IRIS_ROW,
+    GatewayProcess,
+    ModelServers,
+    post,
+    provision_agent,
+    route_model,
+)
 
 
 def _occupy_slot(rds: redis.Redis, ref: str) -> str:

@@ -25,7 +25,11 @@ def _isvc(name: str, fmt: str) -> dict[str, Any]:
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {"name": name},
-        "spec": {"predictor": {"model": {"modelFormat": {"name": fmt}, "storageUri": f"hf://org/{name}", "protocolVersion": "v1"}}},
+        "spec": {
+            "predictor": {
+                "model": {"modelFormat": {"name": fmt}, "storageUri": f"hf://org/{name}", "protocolVersion": "v1"}
+            }
+        },
     }
 
 
@@ -36,10 +40,19 @@ def test_standin_serves_inference_services_and_reports_ready(kubeconfig: Path, t
     core.create_namespace({"metadata": {"name": ns}})
     objects.create_namespaced_custom_object(*ISVC[:2], ns, ISVC[2], _isvc("iris", "sklearn"))
     objects.create_namespaced_custom_object(*ISVC[:2], ns, ISVC[2], _isvc("llm", "huggingface"))
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OPENLEDGER_NAMESPACES": json.dumps([ns]),
-           "OPENLEDGER_LOCAL_DIR": str(tmp_path)}  # fmt: skip
-    standin = spawn("standin", [sys.executable, "-m", "openledger.cli", "standin", "run"], tmp_path / "standin.log",
-                    detached=False, env=env)  # fmt: skip
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "OPENLEDGER_NAMESPACES": json.dumps([ns]),
+        "OPENLEDGER_LOCAL_DIR": str(tmp_path),
+    }
+    standin = spawn(
+        "standin",
+        [sys.executable, "-m", "openledger.cli", "standin", "run"],
+        tmp_path / "standin.log",
+        detached=False,
+        env=env,
+    )
     try:
 
         def ready(name: str) -> dict[str, Any] | None:

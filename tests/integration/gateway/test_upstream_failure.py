@@ -12,10 +12,19 @@ from aiohttp import web
 
 from openledger.gateway.records import AgentKeys
 from openledger.local.processes import free_port
-from tests.integration.gateway.conftest import IRIS_ROW, GatewayProcess, ModelServers, provision_agent, route_model, usage_events
+from tests.integration.gateway.conftest import (
+    IRIS_ROW,
+    GatewayProcess,
+    ModelServers,
+    provision_agent,
+    route_model,
+    usage_events,
+)
 
 
-async def _run_against_failing_upstream(gateway_url: str, key: str, port: int, requests: int) -> tuple[int, Counter[int]]:
+async def _run_against_failing_upstream(
+    gateway_url: str, key: str, port: int, requests: int
+) -> tuple[int, Counter[int]]:
     """Serve 503 (as a KServe server whose model is down) and count what reaches it."""
     hits = 0
 
@@ -35,7 +44,10 @@ async def _run_against_failing_upstream(gateway_url: str, key: str, port: int, r
             sem = asyncio.Semaphore(8)
 
             async def one() -> None:
-                async with sem, session.post(f"{gateway_url}/v1/models/iris:predict", json={"instances": [IRIS_ROW]}) as resp:
+                async with (
+                    sem,
+                    session.post(f"{gateway_url}/v1/models/iris:predict", json={"instances": [IRIS_ROW]}) as resp,
+                ):
                     await resp.read()
                     codes[resp.status] += 1
 
@@ -109,9 +121,12 @@ def test_upstream_timeout_is_504_and_metered_as_timeout(
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         try:
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
-                async with session.post(f"{gateway.url}/v1/models/iris:predict", json={"instances": [IRIS_ROW]}) as r:
-                    return r.status, await r.json()
+            url = f"{gateway.url}/v1/models/iris:predict"
+            async with (
+                aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+                session.post(url, json={"instances": [IRIS_ROW]}) as r,
+            ):
+                return r.status, await r.json()
         finally:
             await runner.cleanup()
 

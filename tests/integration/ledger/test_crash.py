@@ -10,11 +10,13 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 
 import psycopg
 
-from openledger.local.platform import LocalPlatform
-from openledger.local.processes import ManagedProcess, tail
+from openledger.local.platform import Endpoints, LocalPlatform
+from openledger.local.processes import ManagedProcess, free_port, spawn, tail, wait_ready
+from openledger.local.product import PRODUCT_PROCESSES, ProductProcess
 from openledger.settlement.ledger.verify import verify
 from openledger.wire import UsageEvent
 
@@ -138,3 +140,36 @@ def test_postgres_restarted_in_the_middle_of_a_batch(
         worker.stop()
     assert "batch write failed; retrying" in log
     assert_exactly_once(ledger_env, first + second)
+
+
+def test_make_up_runs_the_worker_which_migrates_and_serves_metrics(
+    ledger_env: LedgerEnv, platform_env: dict[str, str], database_url: str
+) -> None:
+    # A database nobody migrated: the worker must run `db upgrade` itself.
+    name = ledger_env.database_url.rsplit("/", 1)[1] + "_fresh"
+    admin = database_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    fresh_url = database_url.rsplit("/", 1)[0] + "/" + name
+    ports: dict[str, int] = {}
+    builder = next(b for b in PRODUCT_PROCESSES if b.__name__ == "_ledger_worker")
+    spec: ProductProcess = builder(Endpoints(), lambda n: ports.setdefault(n, free_port()))
+    env = {**ledger_env.env(platform_env), **spec.env, "DATABASE_URL": fresh_url}
+    del env["OPENLEDGER_LEDGER_METRICS_PORT"]
+    process = spawn(spec.name, spec.argv(), ledger_env.log_dir / "product-worker.log", detached=False, env=env)
+    try:
+        assert spec.ready_url is not None
+        url = spec.ready_url
+        wait_ready(process, lambda: urllib.request.urlopen(url, timeout=1).status == 200, 60)
+        ledger_env.produce([make_event(i) for i in range(10)])
+        deadline = time.monotonic() + 30
+        while "openledger_ledger_events_ingested_total 10.0" not in (
+            text := urllib.request.urlopen(url, timeout=1).read().decode()
+        ):
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.2)
+        assert "openledger_ledger_last_verify_success" in text
+    finally:
+        process.stop()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

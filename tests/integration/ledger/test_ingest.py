@@ -203,7 +203,10 @@ def test_verify_finds_drift_and_the_cli_exits_non_zero_saying_where(
     assert "OK: no drift" in ok.stdout
     with psycopg.connect(ledger_env.database_url) as conn:  # someone writes around the ledger
         conn.execute("INSERT INTO journal_entries (id, kind, amount) VALUES (9, 'transfer', 5)")
-        conn.execute("INSERT INTO postings VALUES (9, %s, '', 5)", (sp.owner_account(events[0].owner),))
+        conn.execute(
+            "INSERT INTO postings (entry_id, account, pool, amount) VALUES (9, %s, '', 5)",
+            (sp.owner_account(events[0].owner),),
+        )
     bad = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert "DRIFT entry_balances: entry 9: postings sum to 5" in bad.stdout

@@ -51,7 +51,10 @@ def test_the_journal_rejects_changes_in_place(ledger_env: LedgerEnv, table: str,
             "VALUES ('external:x', 'external', 'x'), ('external:y', 'external', 'y')"
         )
         conn.execute("INSERT INTO journal_entries (id, kind, amount) VALUES (1, 'transfer', 5)")
-        conn.execute("INSERT INTO postings VALUES (1, 'external:x', '', 5), (1, 'external:y', '', -5)")
+        conn.execute(
+            "INSERT INTO postings (entry_id, account, pool, amount) "
+            "VALUES (1, 'external:x', '', 5), (1, 'external:y', '', -5)"
+        )
         conn.execute(
             "INSERT INTO usage_events VALUES ('0192f0c4-0000-7000-8000-000000000001', "
             "'a/b', '0x1', 'm', '0x2', 'OPEN', 18, "

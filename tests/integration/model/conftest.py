@@ -211,7 +211,9 @@ class Launcher:
         self.lease = f"ol-test-{secrets.token_hex(4)}"
         self.started: list[Operator] = []
 
-    def __call__(self, namespaces: list[str] | None = None, wait_leader: bool = True, **settings: str | float) -> Operator:
+    def __call__(
+        self, namespaces: list[str] | None = None, wait_leader: bool = True, **settings: str | float
+    ) -> Operator:
         health, metrics = free_port(), free_port()
         env = {
             **self.platform_env,

@@ -22,9 +22,7 @@ KUBE_VERSION = KUBERNETES_VERSION.lstrip("v")
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(helm_binary()), *args], capture_output=True, text=True, check=check, timeout=120
-    )
+    return subprocess.run([str(helm_binary()), *args], capture_output=True, text=True, check=check, timeout=120)
 
 
 def render(*sets: str, namespace: str = "openledger", crds: bool = False) -> str:
@@ -114,14 +112,20 @@ def test_rbac_names_every_group_resource_and_verb(sets: tuple[str, ...]) -> None
 def _token_kubeconfig(local_platform: LocalPlatform, namespace: str, sa: str, path: Path) -> Path:
     token = json.loads(
         local_platform.kubectl(
-            "create", "--raw", f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token", "-f", "-",
+            "create",
+            "--raw",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token",
+            "-f",
+            "-",
             stdin=json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}),
         ).stdout
     )["status"]["token"]
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": local_platform.endpoints.kube_url, "insecure-skip-tls-verify": True}}],
+        "clusters": [
+            {"name": "c", "cluster": {"server": local_platform.endpoints.kube_url, "insecure-skip-tls-verify": True}}
+        ],
         "users": [{"name": sa, "user": {"token": token}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": sa, "namespace": namespace}}],
         "current-context": "c",
@@ -138,12 +142,19 @@ def test_the_charts_rbac_is_enough_for_the_operator(
     for ns in (release_ns, watched):
         local_platform.kubectl("create", "namespace", ns)
     text = render(f"operator.watchNamespaces={{{watched}}}", namespace=release_ns)
-    rbac = [d for d in objects(text) if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+    rbac = [
+        d
+        for d in objects(text)
+        if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    ]
     local_platform.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(rbac))
     sa = f"system:serviceaccount:{release_ns}:ol-openledger-operator"
 
     def can(verb: str, resource: str, ns: str) -> bool:
-        return local_platform.kubectl("auth", "can-i", verb, resource, "-n", ns, f"--as={sa}", check=False).stdout.strip() == "yes"
+        return (
+            local_platform.kubectl("auth", "can-i", verb, resource, "-n", ns, f"--as={sa}", check=False).stdout.strip()
+            == "yes"
+        )
 
     assert can("create", "inferenceservices.serving.kserve.io", watched)
     assert can("patch", "models.openledger.io/status", watched)

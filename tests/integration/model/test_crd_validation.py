@@ -40,7 +40,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         {"canary": {"storageUri": "hf://org/v2", "trafficPercent": 10}},
         "spec.canary",
     ),
-    ("canary-without-storage-uri", {"deploymentMode": "Knative", "canary": {"trafficPercent": 10}}, "spec.canary.storageUri"),
+    (
+        "canary-without-storage-uri",
+        {"deploymentMode": "Knative", "canary": {"trafficPercent": 10}},
+        "spec.canary.storageUri",
+    ),
     (
         "canary-traffic-over-100",
         {"deploymentMode": "Knative", "canary": {"storageUri": "hf://org/v2", "trafficPercent": 150}},
@@ -48,7 +52,11 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("money-with-float-exponent", {"pricing": {"perInputToken": "1e-6"}}, "spec.pricing.perInputToken"),
     ("negative-price", {"pricing": {"perRequest": "-1"}}, "spec.pricing.perRequest"),
-    ("more-decimals-than-token", {"pricing": {"decimals": 2, "perOutputToken": "0.001"}}, "spec.pricing.perOutputToken"),
+    (
+        "more-decimals-than-token",
+        {"pricing": {"decimals": 2, "perOutputToken": "0.001"}},
+        "spec.pricing.perOutputToken",
+    ),
     (
         "contributor-shares-over-10000",
         {"contributors": [{"account": ADDR, "shareBps": 6000}, {"account": "0x" + "44" * 20, "shareBps": 6000}]},
@@ -107,7 +115,9 @@ def test_invalid_agent_and_rewardpool_are_rejected_too(kube: Kube) -> None:
         "spec": {"account": ADDR, "models": ["m"], "budget": {"amount": "1.5.0", "period": "Week"}},
     }
     with pytest.raises(ApiException) as info:
-        kube.objects.create_namespaced_custom_object("openledger.io", "v1alpha1", "default", "agents", agent, dry_run="All")
+        kube.objects.create_namespaced_custom_object(
+            "openledger.io", "v1alpha1", "default", "agents", agent, dry_run="All"
+        )
     message = json.loads(info.value.body)["message"]
     assert "spec.budget.amount" in message and "spec.budget.period" in message
     pool = {

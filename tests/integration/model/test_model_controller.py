@@ -46,7 +46,12 @@ def test_model_becomes_an_owned_gpu_inference_service(kube: Kube, namespace: str
     assert isvc is not None and model is not None
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     [ref] = isvc["metadata"]["ownerReferences"]
-    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("Model", "llama", model["metadata"]["uid"], True)
+    assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+        "Model",
+        "llama",
+        model["metadata"]["uid"],
+        True,
+    )
     assert pred["model"]["modelFormat"] == {"name": "huggingface", "version": "1"}
     assert pred["model"]["runtime"] == "kserve-huggingfaceserver"
     assert pred["model"]["storageUri"] == "hf://org/llama"
@@ -54,8 +59,15 @@ def test_model_becomes_an_owned_gpu_inference_service(kube: Kube, namespace: str
     assert pred["model"]["resources"]["limits"] == {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "2"}
     assert pred["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pred["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert (pred["minReplicas"], pred["maxReplicas"], pred["scaleMetric"], pred["scaleTarget"]) == (1, 4, "concurrency", 8)
-    model = wait_for(lambda: (m := kube.model(namespace, "llama")) and m.get("status", {}).get("phase") == "Deploying" and m)
+    assert (pred["minReplicas"], pred["maxReplicas"], pred["scaleMetric"], pred["scaleTarget"]) == (
+        1,
+        4,
+        "concurrency",
+        8,
+    )
+    model = wait_for(
+        lambda: (m := kube.model(namespace, "llama")) and m.get("status", {}).get("phase") == "Deploying" and m
+    )
     assert FINALIZER in model["metadata"]["finalizers"]
     assert model["status"]["inferenceService"] == "llama"
     assert condition(model, "Priced")["status"] == "True"
@@ -113,7 +125,9 @@ def test_status_mirrors_kserve_and_the_route_reaches_redis(
     assert {"InferenceServiceCreated", "Ready"} <= reasons
 
 
-def test_model_load_failure_is_mirrored_with_kserves_reason(kube: Kube, namespace: str, shared_operator: Operator) -> None:
+def test_model_load_failure_is_mirrored_with_kserves_reason(
+    kube: Kube, namespace: str, shared_operator: Operator
+) -> None:
     kube.create_model(model_manifest("broken", namespace))
     wait_for(lambda: kube.isvc(namespace, "broken"))
     kube.kserve_status(
@@ -147,7 +161,13 @@ def test_model_change_rolls_forward(kube: Kube, namespace: str, shared_operator:
     kube.patch_model(
         namespace,
         "phi",
-        {"spec": {"storageUri": "hf://org/phi-2", "resources": {"gpus": 0, "gpuProduct": None}, "scaling": {"maxReplicas": 5}}},
+        {
+            "spec": {
+                "storageUri": "hf://org/phi-2",
+                "resources": {"gpus": 0, "gpuProduct": None},
+                "scaling": {"maxReplicas": 5},
+            }
+        },
     )
     pred = wait_for(
         lambda: (p := predictor(kube, namespace, "phi"))["model"]["storageUri"] == "hf://org/phi-2" and p,
@@ -165,7 +185,9 @@ def test_model_change_rolls_forward(kube: Kube, namespace: str, shared_operator:
     assert model["status"]["observedGeneration"] == model["metadata"]["generation"] == 2
 
 
-def test_hand_edits_of_the_inference_service_are_repaired(kube: Kube, namespace: str, shared_operator: Operator) -> None:
+def test_hand_edits_of_the_inference_service_are_repaired(
+    kube: Kube, namespace: str, shared_operator: Operator
+) -> None:
     kube.create_model(model_manifest("gemma", namespace, scaling={"minReplicas": 2, "maxReplicas": 2}))
     wait_for(lambda: kube.isvc(namespace, "gemma"))
     kube.patch_isvc(

@@ -129,6 +129,7 @@ def test_operator_settles_a_pool_and_serves_its_proofs(
         with urllib.request.urlopen(f"http://127.0.0.1:{claims}/v1/pools/{ns}/pool/claims/{OWNER}", timeout=5) as resp:
             claim = json.loads(resp.read())
         assert claim["account"] == OWNER and int(claim["amount"]) > 0
+        assert claim["distributor"] == deployment.distributor
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         assert f'openledger_settlement_epochs_settled_total{{pool="{ns}/pool"}}' in text

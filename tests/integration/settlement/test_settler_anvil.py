@@ -111,6 +111,11 @@ def test_epochs_settle_with_one_transaction_each_and_claims_pay_the_ledger_amoun
             " WHERE account LIKE 'owner:%' OR account LIKE 'contributor:%'"
         ).fetchone()
         assert unpaid is not None and int(unpaid[0]) == 0
+        # The ledger's own checks accept the closing entries (balanced, caches right, no drift).
+        from openledger.settlement.ledger.verify import verify
+
+        report = verify(settler.conn, full=True)
+        assert report.ok, [str(d) for d in report.drifts]
 
 
 def test_min_payout_rolls_small_amounts_over_until_they_add_up(
@@ -167,3 +172,31 @@ def test_a_second_settler_for_the_same_pool_stands_by(
             standby = second.step(3 * EPOCH_S + 1)
             assert "another settler" in standby.chain_message
             assert ep.get_epoch(second.conn, POOL, 2) is None  # it closed nothing
+
+
+def test_reorg_of_the_publication_before_confirmation_resubmits_and_pays_once(
+    settle_db: str, deployment: Deployment, chain: Chain, signer: Signer, eth_rpc_url: str
+) -> None:
+    ingest(settle_db, [usage_event(POOL, OWNER) for _ in range(3)])
+    config = PoolConfig(
+        pool=POOL,
+        epoch_seconds=EPOCH_S,
+        min_payout=0,
+        chain_id=deployment.chain_id,
+        distributor=deployment.distributor,
+        confirmations=3,
+    )
+    with Settler(config, ChainSecrets(eth_rpc_url, signer.key), settle_db, FeePolicy(stuck_after_s=2.0)) as settler:
+        settler.step(2 * EPOCH_S + 1)  # closes epoch 1, publishes (automine: mined at once)
+        settler.step(2 * EPOCH_S + 1)  # records the receipt
+        tx = settler.conn.execute("SELECT tx_hash, block_hash FROM settlement_txs").fetchone()
+        assert tx is not None and tx[1] is not None
+        chain.rpc("anvil_reorg", [1, []])  # the block with the publication is replaced
+        assert Distributor(chain, deployment.distributor).state().epoch == 0
+        settle(settler, chain, now_s=2 * EPOCH_S + 1, passes=20)
+        status = settler.step(2 * EPOCH_S + 1)
+        state = Distributor(chain, deployment.distributor).state()
+        assert status.last_settled_epoch == 1 and state.epoch == 1
+        assert state.funded == state.cumulative_total == status.settled_total  # funded once
+        closing = settler.conn.execute("SELECT count(*) FROM journal_entries WHERE kind = 'transfer'").fetchone()
+        assert closing is not None and closing[0] == 1

@@ -14,6 +14,7 @@ from openledger.settlement.chain.deploy import Deployment
 from openledger.settlement.chain.distributor import Distributor, token_balance
 from openledger.settlement.chain.rpc import Chain
 from openledger.settlement.crash import CRASH_ENV, CRASH_EXIT_STATUS, CRASH_STEPS
+from openledger.settlement.ledger.verify import verify
 
 from .conftest import Signer, mine
 from .usage import ingest, usage_event
@@ -109,6 +110,9 @@ def test_settler_killed_at_each_step_pays_exactly_once(
         total = conn.execute("SELECT total::text FROM epochs WHERE pool = %s AND epoch = 1", (POOL,)).fetchone()
         ok_txs = conn.execute("SELECT count(*) FROM settlement_txs WHERE receipt_status = 1").fetchone()
         closing = conn.execute("SELECT count(*) FROM journal_entries WHERE kind = 'transfer'").fetchone()
+    with psycopg.connect(settle_db, autocommit=True) as conn:
+        report = verify(conn, full=True)
+    assert report.ok, [str(d) for d in report.drifts]
     assert total is not None and ok_txs is not None and closing is not None
     assert state.epoch == 1 and state.cumulative_total == int(total[0])
     # Funded once: the settler paid exactly the epoch's total, one publication, one closing entry.

@@ -138,18 +138,16 @@ def upgrade() -> None:
     )
     op.create_table(
         "postings",
-        sa.Column("entry_id", sa.BigInteger(), nullable=False),
         sa.Column("account", sa.Text(), nullable=False),
+        sa.Column("entry_id", sa.BigInteger(), nullable=False),
         sa.Column("pool", sa.Text(), nullable=False),
         sa.Column("amount", sa.Numeric(precision=78, scale=0, asdecimal=False), nullable=False),
         sa.CheckConstraint("amount <> 0", name=op.f("ck_postings_amount_nonzero")),
-        sa.ForeignKeyConstraint(["account"], ["accounts.key"], name=op.f("fk_postings_account_accounts")),
         sa.ForeignKeyConstraint(
             ["entry_id"], ["journal_entries.id"], name=op.f("fk_postings_entry_id_journal_entries")
         ),
-        sa.PrimaryKeyConstraint("entry_id", "account", name=op.f("pk_postings")),
+        sa.PrimaryKeyConstraint("account", "entry_id", name=op.f("pk_postings")),
     )
-    op.create_index("ix_postings_account_entry", "postings", ["account", "entry_id"], unique=False)
     op.create_index("ix_postings_pool_entry", "postings", ["pool", "entry_id"], unique=False)
     op.alter_column("journal_entries", "id", server_default=sa.text("nextval('journal_entry_id_seq')"))
     op.execute(REJECT_FUNCTION)
@@ -170,7 +168,6 @@ def downgrade() -> None:
         op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
     op.execute("DROP FUNCTION IF EXISTS ledger_reject_change()")
     op.drop_index("ix_postings_pool_entry", table_name="postings")
-    op.drop_index("ix_postings_account_entry", table_name="postings")
     op.drop_table("postings")
     op.drop_table("account_balances")
     op.drop_table("usage_quarantine")

@@ -1,0 +1,66 @@
+"""What the settler knows of a RewardPool, and what it reports back. Pure records.
+
+``PoolConfig`` is built from the spec by the controller (no secrets in it);
+``ChainSecrets`` carries the RPC URL and the signer key read from Secrets and
+hides both from ``repr``; ``PoolStatus`` is one settler pass's result, which the
+controller turns into ``status`` and Events.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from openledger.settlement.errors import ConfigError
+
+ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """What the settler needs of a RewardPool spec (no secrets)."""
+
+    pool: str  # namespace/name
+    epoch_seconds: int
+    min_payout: int  # base units
+    chain_id: int
+    distributor: str
+    confirmations: int = 2
+    paused: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epoch_seconds <= 0:
+            raise ConfigError(f"spec.epochSeconds: {self.epoch_seconds} must be positive")
+        if self.confirmations < 1:
+            raise ConfigError(f"spec.chain.confirmations: {self.confirmations} must be at least 1")
+        if not ADDRESS_RE.match(self.distributor):
+            raise ConfigError(f"spec.chain.distributorAddress: {self.distributor!r} is not an address")
+
+
+@dataclass(frozen=True)
+class ChainSecrets:
+    """Read from Kubernetes Secrets (or the environment); never logged, never in status."""
+
+    rpc_url: str = field(repr=False)
+    signer_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """What the controller writes to ``status`` (amounts as int base units)."""
+
+    current_epoch: int
+    last_settled_epoch: int
+    last_root: str
+    last_tx_hash: str
+    pending_amount: int
+    settled_total: int
+    lag_epochs: int
+    chain_reachable: bool
+    chain_message: str = ""
+    events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message) for Kubernetes Events
+    publishing_epoch: int = 0
+    blocked_message: str = ""  # why the next publication would revert (allowance, funds, role, paused)
+
+
+__all__ = ["ADDRESS_RE", "ChainSecrets", "PoolConfig", "PoolStatus"]
