@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -182,6 +183,9 @@ def ledger_worker(batch_size: int | None, consumer: str | None, metrics_port: in
     # Nothing on this path makes reference cycles, so collect rarely.
     gc.freeze()
     gc.set_threshold(200_000, 50, 1000)
+    # The writer thread waits on PostgreSQL between short statements; a parsing reader
+    # would keep the GIL for the default 5 ms after each of them.
+    sys.setswitchinterval(float(os.environ.get("OPENLEDGER_LEDGER_SWITCH_INTERVAL_S", "0.0005")))
     settings = get_settings()
     if settings.ledger_upgrade_on_start and not no_upgrade:
         logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -132,7 +132,14 @@ def verify(conn: Conn, *, full: bool = True, redis_url: str | None = None, strea
            dead_letter_stream: str = "") -> VerifyReport:  # fmt: skip
     """Run the checks in one repeatable-read snapshot; set the ``last_verify`` metrics."""
     report = VerifyReport()
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    # Redis first: whatever was acknowledged before this read was committed before it,
+    # so the database snapshot taken afterwards must contain it.
+    acked = _stream_snapshot(report, redis_url, stream, group, dead_letter_stream) if full and redis_url else None
+    if conn.autocommit:
+        raise ValueError("verify needs a connection with autocommit off (it runs in one read-only snapshot)")
+    conn.rollback()
+    saved = (conn.isolation_level, conn.read_only)
+    conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
     try:
         for check, sql in _QUICK_CHECKS:
             rows = conn.execute(sql + f" LIMIT {_MAX_DRIFTS_PER_CHECK}").fetchall()
@@ -148,10 +155,11 @@ def verify(conn: Conn, *, full: bool = True, redis_url: str | None = None, strea
             report.stats[name] = int(row[0]) if row else 0
         if full:
             _verify_splits(conn, report)
-            if redis_url:
-                _verify_stream(conn, report, redis_url, stream, group, dead_letter_stream)
+            if acked is not None:
+                _verify_stream(conn, report, stream, acked)
     finally:
         conn.rollback()
+        conn.isolation_level, conn.read_only = saved
     m.LAST_VERIFY_SUCCESS.set(1 if report.ok else 0)
     m.LAST_VERIFY_DRIFTS.set(len(report.drifts))
     m.LAST_VERIFY_TIMESTAMP.set(time.time())
@@ -203,21 +211,23 @@ def _verify_splits(conn: Conn, report: VerifyReport) -> None:
             report.drifts.append(Drift("entry_split", f"entry {entry_id}", f"{kind} entry has no events"))
 
 
-def _verify_stream(conn: Conn, report: VerifyReport, redis_url: str, stream: str, group: str, dead: str) -> None:
-    """Every entry the group delivered and acknowledged is in the ledger, quarantined or dead-lettered."""
+def _stream_snapshot(report: VerifyReport, redis_url: str, stream: str, group: str, dead: str) -> list[str] | None:
+    """Event ids of the entries the group delivered and acknowledged (not pending, not dead-lettered)."""
     from openledger.settlement.ledger.redisraw import RawRedis, RedisReplyError
 
     r = RawRedis(redis_url)
     try:
-        last_delivered = b"0-0"
+        last_delivered = None
         try:
             for raw in r.execute("XINFO", "GROUPS", stream):
                 info = dict(zip(raw[0::2], raw[1::2], strict=False))
                 if info.get(b"name") == group.encode():
                     last_delivered = info[b"last-delivered-id"]
         except RedisReplyError:
-            report.drifts.append(Drift("stream", stream, "stream or group does not exist"))
-            return
+            pass
+        if last_delivered is None:
+            report.drifts.append(Drift("stream", stream, f"stream or consumer group {group!r} does not exist"))
+            return None
         pending: set[bytes] = set()
         start = b"-"
         while True:
@@ -243,16 +253,20 @@ def _verify_stream(conn: Conn, report: VerifyReport, redis_url: str, stream: str
             except ValueError:
                 bad += 1
                 if bad <= _MAX_DRIFTS_PER_CHECK:
-                    report.drifts.append(
-                        Drift(
-                            "stream",
-                            f"{stream} {sid.decode()}",
-                            "acknowledged but not a valid event and not dead-lettered",
-                        )
-                    )
+                    where = f"{stream} {sid.decode()}"
+                    report.drifts.append(Drift("stream", where, "acknowledged, not a valid event, not dead-lettered"))
     finally:
         r.close()
-    unique = sorted(set(ids))
+    report.stats.update(
+        stream_entries=entries, stream_undelivered=undelivered, stream_pending=len(pending),
+        stream_dead_lettered=len(dead_ids),
+    )  # fmt: skip
+    return ids
+
+
+def _verify_stream(conn: Conn, report: VerifyReport, stream: str, acked: list[str]) -> None:
+    """Every acknowledged event is in the ledger (or quarantined): the stream and the ledger reconcile."""
+    unique = sorted(set(acked))
     missing = [
         str(row[0])
         for row in conn.execute(
@@ -262,10 +276,7 @@ def _verify_stream(conn: Conn, report: VerifyReport, redis_url: str, stream: str
             (unique,),
         )
     ]
-    report.stats.update(
-        stream_entries=entries, stream_undelivered=undelivered, stream_pending=len(pending),
-        stream_dead_lettered=len(dead_ids), stream_distinct_events=len(unique), stream_missing=len(missing),
-    )  # fmt: skip
+    report.stats.update(stream_distinct_events=len(unique), stream_missing=len(missing))
     for eid in missing[:_MAX_DRIFTS_PER_CHECK]:
         report.drifts.append(Drift("stream", f"event {eid}", f"acknowledged on {stream} but not in the ledger"))
 

@@ -167,6 +167,14 @@ class LedgerWorker:
                 except (ConnectionError, OSError) as exc:
                     log.warning("redis unavailable; retrying", extra={"action": "redis_retry", "error": str(exc)})
                     stop.wait(0.5)
+                except RedisReplyError as exc:
+                    if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                        raise
+                    # The stream or the group was deleted (e.g. Redis lost its data): recreate, go on.
+                    log.warning("consumer group missing; recreating", extra={"action": "recreate_group"})
+                    self._read_in_flight = False
+                    self.reader.close()
+                    self._retry(self.ensure_group, stop)
             if self._writer_error is None:
                 self._drain_prefetch()
         finally:
@@ -493,7 +501,3 @@ class LedgerWorker:
                 log.warning("redis unavailable at start; retrying", extra={"action": "redis_retry", "error": str(exc)})
                 stop.wait(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
-
-
-def run_worker(config: WorkerConfig, stop: threading.Event) -> None:
-    LedgerWorker(config).run(stop)

@@ -135,8 +135,8 @@ class GatewayProcess:
 def start_gateway(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
-    def start(**settings: str) -> GatewayProcess:
-        env = {"REDIS_URL": redis_url, "OPENLEDGER_LOG_LEVEL": "WARNING"}
+    def start(redis: str | None = None, **settings: str) -> GatewayProcess:
+        env = {"REDIS_URL": redis or redis_url, "OPENLEDGER_LOG_LEVEL": "WARNING"}
         env.update({f"OPENLEDGER_GATEWAY_{k.upper()}": v for k, v in settings.items()})
         gw = GatewayProcess(env, tmp_path)
         gw.start()

@@ -54,25 +54,33 @@ def test_kill_9_at_random_moments_while_50000_events_are_ingested(
     rng = random.Random(20261125)
     events = [make_event(i, rng) for i in range(50_000)]
     # The producer keeps adding while the worker is killed and restarted.
-    producer = threading.Thread(target=lambda: [ledger_env.produce(events[s : s + 2500]) or time.sleep(0.15)
+    producer = threading.Thread(target=lambda: [ledger_env.produce(events[s : s + 2500]) or time.sleep(0.4)
                                                 for s in range(0, len(events), 2500)])  # fmt: skip
     producer.start()
     env = {"OPENLEDGER_LEDGER_BATCH_SIZE": "1500"}
     worker = ledger_env.spawn_worker(platform_env, "ledger-worker-0", **env)
-    kills = 0
+    stored_at_kill: list[int] = []
+    logs = []
     try:
         for i in range(1, 6):
-            time.sleep(rng.uniform(0.6, 1.6))
+            # Kill at a random moment after this worker has committed something of its own.
+            before = ledger_env.count()
+            ledger_env.wait_for(lambda b=before: ledger_env.count() > b, 60, "the new worker's first commit")
+            time.sleep(rng.uniform(0.0, 0.6))
             worker.stop_signal = signal.SIGKILL
             worker.stop(timeout_s=5)
-            kills += 1
+            stored_at_kill.append(ledger_env.count())
+            logs.append(worker.log_path)
             worker = ledger_env.spawn_worker(platform_env, f"ledger-worker-{i}", **env)
         producer.join(60)
         wait_all(ledger_env, len(events), [worker], 120)
+        logs.append(worker.log_path)
     finally:
         worker.stop()
         producer.join(60)
-    assert kills == 5
+    # The kills landed while events were flowing, and later workers took over the dead ones' entries.
+    assert sum(0 < n < len(events) for n in stored_at_kill) >= 3, stored_at_kill
+    assert any("reclaimed pending entries" in path.read_text() for path in logs)
     assert_exactly_once(ledger_env, events)
 
 

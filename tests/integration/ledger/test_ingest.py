@@ -238,3 +238,16 @@ def test_metrics_are_exported_under_openledger_ledger(
         "openledger_ledger_dead_lettered",
         "openledger_ledger_last_verify_success",
     } <= names
+
+
+def test_a_deleted_stream_and_group_are_recreated(
+    ledger_env: LedgerEnv, thread_worker: Callable[..., ThreadWorker]
+) -> None:
+    first = [make_event(i) for i in range(20)]
+    ledger_env.produce(first)
+    run_until_ingested(ledger_env, thread_worker, 20)
+    ledger_env.redis.delete(ledger_env.stream)  # e.g. Redis restarted without persistence
+    second = [make_event(i) for i in range(20, 50)]
+    ledger_env.produce(second)
+    ledger_env.wait_for(lambda: ledger_env.count() == 50, 30, "events after the group was recreated")
+    assert ledger_env.balances() == expected_balances(first + second)

@@ -111,3 +111,26 @@ def test_only_the_watched_namespaces_are_served(kube: Kube, start_operator: Oper
     time.sleep(1.0)
     assert kube.isvc(ignored, "there") is None
     assert kube.phase(ignored, "there") is None
+
+
+def test_kill_9_while_many_models_converge_then_everything_is_consistent(
+    kube: Kube, namespace: str, start_operator: OperatorFactory
+) -> None:
+    names = [f"burst-{i:02d}" for i in range(20)]
+    first = start_operator(namespaces=[namespace])
+    for name in names:
+        kube.create_model(model_manifest(name, namespace))
+    wait_for(lambda: len(kube.isvcs(namespace)) >= 3, what="some InferenceServices")  # mid-flight
+    first.kill9()
+
+    start_operator(namespaces=[namespace])
+    wait_for(lambda: len(kube.isvcs(namespace)) == len(names), 60, "one InferenceService per Model")
+    for name in names:
+        kube.kserve_ready(namespace, name)
+    wait_for(lambda: all(kube.phase(namespace, n) == "Ready" for n in names), 60, "every Model Ready")
+    isvcs = kube.isvcs(namespace)
+    assert sorted(i["metadata"]["name"] for i in isvcs) == names, "exactly one each, no strays"
+    for name in names:
+        kube.delete_model(namespace, name)
+    wait_for(lambda: all(kube.model(namespace, n) is None for n in names), 60, "the Models to go")
+    assert kube.isvcs(namespace) == [], "no orphans"
