@@ -102,6 +102,7 @@ def _wrk(url: str, connections: int, key: str | None, tmp: Path) -> dict[str, fl
     auth = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
     script.write_text(_WRK_SCRIPT % (BODY, auth))
     cmd = [
+        *(["nice", "-n", str(PRIORITY)] if _can_boost() else []),
         "taskset",
         "-c",
         "1",
@@ -208,13 +209,27 @@ def _http_ok(url: str) -> bool:
         return bool(resp.status == 200)
 
 
+PRIORITY = -10  # the benchmark's processes run at this nice level when allowed (the 2-CPU box is shared)
+
+
+def _can_boost() -> bool:
+    return os.geteuid() == 0
+
+
+def _boost(pid: int) -> None:
+    """Raise a benchmark process's scheduling priority, so other work on the shared box disturbs it less."""
+    if _can_boost():
+        os.setpriority(os.PRIO_PROCESS, pid, PRIORITY)
+
+
 def _pin(pid: int, cpu: int) -> None:
     if (os.cpu_count() or 1) > cpu:
         os.sched_setaffinity(pid, {cpu})
 
 
 @pytest.fixture(scope="module")
-def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def stack(redis_url: str, local_platform: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    redis_pid = local_platform.processes["redis"].pid
     tmp = tmp_path_factory.mktemp("bench-gateway")
     procs: list[ManagedProcess] = []
     fast_port, kserve_port, gw_port = free_port(), free_port(), free_port()
@@ -276,6 +291,8 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
         wait_ready(gateway, lambda: _http_ok(f"http://127.0.0.1:{gw_port}/healthz"), 60)
         _pin(fast.pid, 1)
         _pin(kserve.pid, 1)
+        for pid in (fast.pid, kserve.pid, gateway.pid, redis_pid):
+            _boost(pid)
         r = redis.Redis.from_url(redis_url)
         key = "olk_" + secrets.token_urlsafe(24)
         ns = f"bench-{secrets.token_hex(3)}"
@@ -396,6 +413,7 @@ def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
         "Hard budget reservation, proxy, settle + usage event XADD)",
         "load_generator": "wrk (1 thread, taskset CPU 1)" if shutil.which("wrk") else "aiohttp (own process)",
         "gateway_cpu": "pinned to CPU 0",
+        "nice": PRIORITY if _can_boost() else 0,
         "runs": RUNS,
         "seconds_per_run": DURATION_S,
         "connections": {"latency": LATENCY_CONNECTIONS, "throughput": THROUGHPUT_CONNECTIONS},

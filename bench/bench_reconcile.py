@@ -297,6 +297,8 @@ def test_reconcile_benchmark(kubeconfig: Path, platform_env: dict[str, str], tmp
         log = tmp_path / f"{kind}-{namespace}.log"
         if kind == "operator":
             argv = [sys.executable, "-m", "openledger.cli", "operator"]
+            if os.environ.get("RECONCILE_BENCH_PROFILE"):  # cProfile the operator: a .prof path
+                argv[1:1] = ["-m", "cProfile", "-o", os.environ["RECONCILE_BENCH_PROFILE"]]
             probe = lambda: json.loads(  # noqa: E731
                 __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=1).read()
             )["controllers"]

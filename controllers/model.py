@@ -87,6 +87,7 @@ class ModelReconciler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sem = asyncio.Semaphore(self.settings.operator_max_concurrent_reconciles)
         self._crd_missing_reported: set[Key] = set()
+        self._rejections: dict[Key, str] = {}
         self._objects = client.CustomObjectsApi(api)
 
     # ------------------------------------------------------------ observing
@@ -124,6 +125,7 @@ class ModelReconciler:
         self._failures.pop(key, None)
         self._locks.pop(key, None)
         self._crd_missing_reported.discard(key)
+        self._rejections.pop(key, None)
         handle = self._requeued.pop(key, None)
         if handle is not None:
             handle.cancel()
@@ -246,6 +248,7 @@ class ModelReconciler:
                 if drift is not None:
                     seen = mb.Observation(isvc=await self._repair_isvc(key, model, drift))
             self._crd_missing_reported.discard(key)
+            self._rejections.pop(key, None)
         except ApiException as exc:
             if is_missing_resource(exc):
                 seen = mb.Observation(crd_missing=True)
@@ -265,7 +268,9 @@ class ModelReconciler:
                 seen = mb.Observation(isvc=actual, write_error=api_error_message(exc))
                 retry_s = self._backoff(key)
                 ERRORS.labels(KIND, "InferenceServiceRejected").inc()
-                await emit_event(self.api, model, "InferenceServiceRejected", seen.write_error, type_="Warning")
+                if self._rejections.get(key) != seen.write_error:  # one Event per distinct rejection
+                    self._rejections[key] = seen.write_error
+                    await emit_event(self.api, model, "InferenceServiceRejected", seen.write_error, type_="Warning")
             else:
                 raise
 

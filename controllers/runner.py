@@ -204,10 +204,29 @@ async def _new_redis(settings: Settings) -> Any:
     )
 
 
+# Kinds the controllers follow only with level-based event handlers (no Kopf change
+# handlers), so Kopf need not deep-copy every event's body to diff it.
+EVENT_ONLY_KINDS = frozenset({("openledger.io", "Model"), ("serving.kserve.io", "InferenceService")})
+
+
+def _lean_diffbase() -> Any:
+    import kopf
+
+    class LeanDiffBase(kopf.AnnotationsDiffBaseStorage):
+        def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+            group = str(body.get("apiVersion", "")).partition("/")[0]
+            if (group, body.get("kind")) in EVENT_ONLY_KINDS:
+                return {}
+            return super().build(body=body, extra_fields=extra_fields)
+
+    return LeanDiffBase()
+
+
 def kopf_settings() -> Any:
     import kopf
 
     s = kopf.OperatorSettings()
+    s.persistence.diffbase_storage = _lean_diffbase()
     s.posting.enabled = False  # the controllers post their own, meaningful Events
     s.peering.standalone = True  # the Lease decides who acts
     s.watching.server_timeout = 300

@@ -141,6 +141,7 @@ class LedgerWorker:
         self._next_verify = time.monotonic() + config.verify_interval_s
         self.committed_events = 0
         self._stop_requested = threading.Event()
+        self._stop: threading.Event | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -156,6 +157,7 @@ class LedgerWorker:
 
     def run(self, stop: threading.Event) -> None:
         cfg = self.config
+        self._stop = stop
         log.info("ledger worker starting", extra={"action": "start", "consumer": cfg.consumer, "stream": cfg.stream})
         self._retry(self.ensure_group, stop)
         writer = threading.Thread(target=self._writer_loop, name="ledger-writer", daemon=True)
@@ -271,12 +273,22 @@ class LedgerWorker:
         self._put(Batch(builder.plan(), ack_ids, conflicts, duplicates, deliveries, oldest))
 
     def _put(self, batch: Batch) -> None:
+        deadline: float | None = None
         while self._writer_error is None:
             try:
                 self._queue.put(batch, timeout=0.5)
                 return
             except queue.Full:
-                continue
+                if not self._stopping():
+                    continue
+                # Stopping while the writer is stuck (database down): give up on this batch
+                # after the grace time; its entries stay pending and are reclaimed later.
+                deadline = deadline or time.monotonic() + self.config.stop_timeout_s
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "stopping: batch left pending", extra={"action": "stop_drop", "events": len(batch.ack_ids)}
+                    )
+                    return
 
     def _claim(self) -> None:
         """Take over entries idle longer than ``claim_idle_ms`` (dead consumers, earlier failures)."""
@@ -475,7 +487,7 @@ class LedgerWorker:
         time.sleep(self.config.test_pause_s)
 
     def _stopping(self) -> bool:
-        return self._stop_requested.is_set()
+        return self._stop_requested.is_set() or (self._stop is not None and self._stop.is_set())
 
     def _ack(self, client: RawRedis, ids: list[bytes]) -> None:
         delay = 0.1

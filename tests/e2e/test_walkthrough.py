@@ -24,6 +24,7 @@ pays zero.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import secrets
@@ -35,7 +36,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
 import psycopg
@@ -95,6 +96,11 @@ def render(name: str, values: dict[str, str]) -> str:
     left = re.findall(r"__[A-Z_]+__", text)
     assert not left, f"{name}: placeholders without a value: {left}"
     return text
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as resp:
+        return bool(resp.status == 200)
 
 
 def cli(env: dict[str, str], *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -214,12 +220,11 @@ def test_walkthrough_from_model_to_claimed_epoch(
 
     try:
         for spec in specs:
-            processes.append(spawn(spec.name, spec.argv(), tmp_path / f"{spec.name}.log", detached=False,
-                                   env={**env, **spec.env}))  # fmt: skip
-        for spec, process in zip(specs, processes, strict=True):
+            log_path = tmp_path / f"{spec.name}.log"
+            processes.append(spawn(spec.name, spec.argv(), log_path, detached=False, env={**env, **spec.env}))
+        for spec, process in zip(specs, processes, strict=True):  # checked by a real request, as `make up` does
             if spec.ready_url:
-                url = spec.ready_url
-                wait_ready(process, lambda u=url: urllib.request.urlopen(u, timeout=1).status == 200, 120, spec.name)
+                wait_ready(process, functools.partial(http_ok, spec.ready_url), 120, spec.name)
         gateway_url = next(s.exports["GATEWAY_URL"] for s in specs if "GATEWAY_URL" in s.exports)
 
         lap("processes ready")
@@ -236,28 +241,34 @@ def test_walkthrough_from_model_to_claimed_epoch(
 
         lap("manifests applied")
         model = wait_for(
-            lambda: (m := kubectl_json(local_platform, "get", "model", MODEL, "-n", ns))
-            and (m.get("status") or {}).get("phase") == "Ready"
-            and condition(m, "Ready") == "True"
-            and m,
+            lambda: (
+                (m := kubectl_json(local_platform, "get", "model", MODEL, "-n", ns))
+                and (m.get("status") or {}).get("phase") == "Ready"
+                and condition(m, "Ready") == "True"
+                and m
+            ),
             150,
             f"Model {MODEL} Ready",
             logs,
         )
         assert model["status"].get("url"), model["status"]
         agent = wait_for(
-            lambda: (a := kubectl_json(local_platform, "get", "agent", AGENT, "-n", ns))
-            and condition(a, "Ready") == "True"
-            and a,
+            lambda: (
+                (a := kubectl_json(local_platform, "get", "agent", AGENT, "-n", ns))
+                and condition(a, "Ready") == "True"
+                and a
+            ),
             60,
             f"Agent {AGENT} Ready",
             logs,
         )
         assert agent["status"]["phase"] == "Ready", agent["status"]
         pool = wait_for(
-            lambda: (p := kubectl_json(local_platform, "get", "rewardpool", POOL, "-n", ns))
-            and (p.get("status") or {}).get("models") == 1
-            and p,
+            lambda: (
+                (p := kubectl_json(local_platform, "get", "rewardpool", POOL, "-n", ns))
+                and (p.get("status") or {}).get("models") == 1
+                and p
+            ),
             60,
             f"RewardPool {POOL} to select {MODEL}",
             logs,
@@ -304,17 +315,18 @@ def test_walkthrough_from_model_to_claimed_epoch(
         with urllib.request.urlopen(request, timeout=30) as resp:
             curl = json.loads(resp.read())
         assert curl["choices"][0]["message"]["content"], curl
+        assert chat.usage is not None and completion.usage is not None, (chat, completion)
         usages = [
-            (chat.usage.prompt_tokens, chat.usage.completion_tokens) if chat.usage else None,
-            (completion.usage.prompt_tokens, completion.usage.completion_tokens) if completion.usage else None,
-            (curl["usage"]["prompt_tokens"], curl["usage"]["completion_tokens"]),
+            (chat.usage.prompt_tokens, chat.usage.completion_tokens),
+            (completion.usage.prompt_tokens, completion.usage.completion_tokens),
+            (int(curl["usage"]["prompt_tokens"]), int(curl["usage"]["completion_tokens"])),
         ]
-        assert None not in usages, usages
-        costs = [PER_REQUEST + i * PER_INPUT + o * PER_OUTPUT for i, o in usages]  # type: ignore[misc]
+        costs = [PER_REQUEST + i * PER_INPUT + o * PER_OUTPUT for i, o in usages]
 
         # Exactly one usage event per request, with the pool's binding snapshotted in it.
         rds = redis.Redis.from_url(redis_url, decode_responses=True)
-        events = [UsageEvent.from_fields(fields) for _, fields in rds.xrange(stream, "-", "+")]
+        entries = cast(list[tuple[str, dict[str, str]]], rds.xrange(stream, "-", "+"))
+        events = [UsageEvent.from_fields(fields) for _, fields in entries]
         rds.close()
         assert len(events) == 3, f"expected 3 usage events on {stream}, got {len(events)}: {events}"
         assert len({e.event_id for e in events}) == 3, events
@@ -325,6 +337,7 @@ def test_walkthrough_from_model_to_claimed_epoch(
         assert [e.cost for e in events] == costs, events
 
         lap("3 inferences")
+
         # Step 6: the ledger — one usage event row per request, balances, verify.
         def ingested() -> int:
             with psycopg.connect(walk_db, connect_timeout=5) as conn:
@@ -348,10 +361,12 @@ def test_walkthrough_from_model_to_claimed_epoch(
         lap("ledger ingested + verified")
         # Step 7: the epoch settles on chain (RewardPool status lastSettledEpoch / lastTxHash).
         settled = wait_for(
-            lambda: (p := kubectl_json(local_platform, "get", "rewardpool", POOL, "-n", ns)["status"])
-            and int(p.get("lastSettledEpoch") or 0) >= requests_epoch
-            and p.get("lastTxHash")
-            and p,
+            lambda: (
+                (p := kubectl_json(local_platform, "get", "rewardpool", POOL, "-n", ns)["status"])
+                and int(p.get("lastSettledEpoch") or 0) >= requests_epoch
+                and p.get("lastTxHash")
+                and p
+            ),
             EPOCH_SECONDS + 30,
             f"RewardPool {POOL} to settle epoch {requests_epoch}",
             logs,
@@ -392,7 +407,8 @@ def test_walkthrough_from_model_to_claimed_epoch(
         lap("claims")
         for process in processes:  # the signer key lives in a Secret: never in a log
             assert ANVIL_DEV_KEY[2:] not in process.log_path.read_text(errors="replace"), process.log_path
-        print("walkthrough timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in laps.items()))  # noqa: T201
+        laps["total"] = time.monotonic() - started
+        print("walkthrough timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in laps.items()))
     finally:
         # Delete the objects while the operator still runs (it removes children and Redis keys).
         for kind in ("agent", "model", "rewardpool"):

@@ -77,7 +77,9 @@ def test_chart_ships_the_generated_crds() -> None:
 
 
 def test_operator_deployment_is_hardened() -> None:
-    [deployment] = [d for d in objects(render()) if d["kind"] == "Deployment"]
+    [deployment] = [
+        d for d in objects(render()) if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    ]
     pod = deployment["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -93,7 +95,9 @@ def test_operator_deployment_is_hardened() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["OPENLEDGER_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert json.loads(env["OPENLEDGER_NAMESPACES"]["value"]) == []
-    [service] = [d for d in objects(render()) if d["kind"] == "Service"]
+    [service] = [
+        d for d in objects(render()) if d["kind"] == "Service" and d["metadata"]["name"].endswith("-operator-metrics")
+    ]
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
 
 
