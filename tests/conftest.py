@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from openledger.local.platform import COMPONENTS as ALL_COMPONENTS
 from openledger.local.platform import Endpoints, LocalPlatform
 
 # Which component each fixture needs.
@@ -27,8 +28,10 @@ FIXTURE_COMPONENTS: dict[str, set[str]] = {
     "database_url": {"postgres"},
     "redis_url": {"redis"},
     "eth_rpc_url": {"anvil"},
-    "local_platform": {"etcd", "kube-apiserver", "postgres", "redis", "anvil"},
-    "platform_env": {"etcd", "kube-apiserver", "postgres", "redis", "anvil"},
+    # item.fixturenames is the transitive closure, so the fixtures every component
+    # fixture depends on (local_platform, endpoints) must not pull in everything.
+    "local_platform": set(),
+    "platform_env": set(ALL_COMPONENTS),
 }
 
 _needed: set[str] = set()
@@ -48,9 +51,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def local_platform() -> Iterator[LocalPlatform]:
     base = Path(tempfile.mkdtemp(prefix="openledger-test-"))
-    platform = LocalPlatform(
-        base, detached=False, durable=False, components=_needed or FIXTURE_COMPONENTS["local_platform"]
-    )
+    platform = LocalPlatform(base, detached=False, durable=False, components=_needed or ALL_COMPONENTS)
     platform.start()
     try:
         yield platform

@@ -263,6 +263,9 @@ def test_walkthrough_from_model_to_claimed_epoch(
             logs,
         )
         assert agent["status"]["phase"] == "Ready", agent["status"]
+        # As the README says: wait until the pool has bound the Model. The gateway stamps each usage
+        # event with the binding it sees at request time, and a Model created after its pool is bound
+        # only on the pool's next settle pass; a request before that would belong to no pool.
         pool = wait_for(
             lambda: (
                 (p := kubectl_json(local_platform, "get", "rewardpool", POOL, "-n", ns))
@@ -381,6 +384,16 @@ def test_walkthrough_from_model_to_claimed_epoch(
         assert len(published) == 1, f"expected one root publication on chain, got {len(published)}: {published}"
         assert "0x" + published[0]["transactionHash"].hex().removeprefix("0x") == settled["lastTxHash"], settled
         assert int.from_bytes(published[0]["topics"][1], "big") == requests_epoch, published[0]
+        with psycopg.connect(walk_db, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT epoch, tx_hash FROM epochs WHERE pool = %s AND tx_hash IS NOT NULL", (f"{ns}/{POOL}",)
+            ).fetchall()
+        assert [(int(e), str(h)) for e, h in rows] == [(requests_epoch, settled["lastTxHash"])], rows
+        reasons = kubectl_json(
+            local_platform, "get", "events", "-n", ns, "--field-selector", f"involvedObject.name={POOL}"
+        )
+        seen = {item.get("reason") for item in reasons.get("items") or []}
+        assert {"EpochClosed", "RootPublished", "EpochSettled"} <= seen, seen
         # The payees' ledger balances moved to the distributor's account (earned → in a confirmed root).
         assert ledger_balance(env, f"owner:{OWNER}") == 0
         verify = cli(env, "ledger", "verify")

@@ -173,7 +173,7 @@ def test_the_charts_rbac_is_enough_for_the_operator(
         kube.create_model(model_manifest("rbac", watched))
         wait_for(lambda: kube.isvc(watched, "rbac"), 30, "the InferenceService under the chart's RBAC")
         wait_for(lambda: kube.phase(watched, "rbac") == "Deploying", 30, "the status under the chart's RBAC")
-        assert any(e.reason == "InferenceServiceCreated" for e in kube.events(watched, "rbac"))
+        wait_for(lambda: any(e.reason == "InferenceServiceCreated" for e in kube.events(watched, "rbac")))
         kube.delete_model(watched, "rbac")
         wait_for(lambda: kube.model(watched, "rbac") is None, 30, "the finalizer under the chart's RBAC")
     finally:

@@ -121,8 +121,11 @@ def test_status_mirrors_kserve_and_the_route_reaches_redis(
     assert route.price.per_input_token == 10**12 and route.price.per_output_token == 2 * 10**12
     assert route.owner == OWNER
     assert route.contributors[0].share_bps == 1500
-    reasons = {e.reason for e in kube.events(namespace, "mistral")}
-    assert {"InferenceServiceCreated", "Ready"} <= reasons
+    # Events are posted right after the writes they describe.
+    wait_for(
+        lambda: {"InferenceServiceCreated", "Ready"} <= {e.reason for e in kube.events(namespace, "mistral")},
+        what="the Created and Ready events",
+    )
 
 
 def test_model_load_failure_is_mirrored_with_kserves_reason(
@@ -149,8 +152,13 @@ def test_model_load_failure_is_mirrored_with_kserves_reason(
     ready = condition(model, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "ModelLoadFailed")
     assert "no weights" in ready["message"]
-    warnings = [e for e in kube.events(namespace, "broken") if e.type == "Warning"]
-    assert any(e.reason == "Failed" and "ModelLoadFailed" in e.message for e in warnings)
+    wait_for(
+        lambda: any(
+            e.type == "Warning" and e.reason == "Failed" and "ModelLoadFailed" in e.message
+            for e in kube.events(namespace, "broken")
+        ),
+        what="a Warning event naming ModelLoadFailed",
+    )
 
 
 def test_model_change_rolls_forward(kube: Kube, namespace: str, shared_operator: Operator) -> None:
@@ -206,7 +214,7 @@ def test_hand_edits_of_the_inference_service_are_repaired(
     isvc = kube.isvc(namespace, "gemma")
     assert isvc is not None
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
-    assert any(e.reason == "InferenceServiceUpdated" for e in kube.events(namespace, "gemma"))
+    wait_for(lambda: any(e.reason == "InferenceServiceUpdated" for e in kube.events(namespace, "gemma")))
     assert 'openledger_operator_drift_repairs_total{kind="Model"}' in shared_operator.metrics()
 
 
