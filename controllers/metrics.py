@@ -3,7 +3,7 @@ with its ``kind`` label.
 
 | metric | type | labels | meaning |
 |---|---|---|---|
-| openledger_operator_reconciles_total | counter | kind, result | reconciles by result: ok, error, requeued |
+| openledger_operator_reconciles_total | counter | kind, result | ok, error, requeued, unchanged (skipped) |
 | openledger_operator_reconcile_duration_seconds | histogram | kind | time of one reconcile pass |
 | openledger_operator_errors_total | counter | kind, reason | failures by reason (ApiError409, CRDMissing, Redis…) |
 | openledger_operator_managed_objects | gauge | kind | objects the controller currently manages |
@@ -19,7 +19,7 @@ from openledger.metrics import REGISTRY
 
 RECONCILES = Counter(
     "openledger_operator_reconciles",
-    "Reconcile passes by kind and result (ok, error, requeued).",
+    "Reconcile passes by kind and result (ok, error, requeued, unchanged).",
     ["kind", "result"],
     registry=REGISTRY,
 )

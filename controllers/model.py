@@ -88,17 +88,22 @@ class ModelReconciler:
         self._sem = asyncio.Semaphore(self.settings.operator_max_concurrent_reconciles)
         self._crd_missing_reported: set[Key] = set()
         self._rejections: dict[Key, str] = {}
+        # (Model resourceVersion, InferenceService resourceVersion) of the last pass that
+        # converged: a pass over the same inputs would decide the same (a no-op), so skip it.
+        self._converged: dict[Key, tuple[int, int]] = {}
         self._objects = client.CustomObjectsApi(api)
 
     # ------------------------------------------------------------ observing
 
-    def _store(self, cache: dict[Key, dict[str, Any]], obj: Mapping[str, Any]) -> Key:
+    def _store(self, cache: dict[Key, dict[str, Any]], obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Cache ``obj`` unless the cache already holds a newer version; returns ``obj`` (slim)."""
         key = _key(obj)
         old = cache.get(key)
+        slim = _slim(obj)
         # A write's response may arrive before the watch delivers older events.
         if old is None or _rv(obj) == 0 or _rv(obj) >= _rv(old):
-            cache[key] = _slim(obj)
-        return key
+            cache[key] = slim
+        return slim
 
     async def observe_model(self, obj: Mapping[str, Any], deleted: bool = False) -> None:
         key = _key(obj)
@@ -121,7 +126,11 @@ class ModelReconciler:
         if key in self.models:
             await self.reconcile(key)
 
+    def _inputs(self, key: Key) -> tuple[int, int]:
+        return (_rv(self.models.get(key)), _rv(self.isvcs.get(key)))
+
     def _forget(self, key: Key) -> None:
+        self._converged.pop(key, None)
         self._failures.pop(key, None)
         self._locks.pop(key, None)
         self._crd_missing_reported.discard(key)
@@ -148,6 +157,7 @@ class ModelReconciler:
     async def resync(self) -> None:
         """Reconcile every known Model and republish every route (e.g. after a Redis restart)."""
         self.published.clear()
+        self._converged.clear()
         await asyncio.gather(*(self.reconcile(key) for key in list(self.models)), return_exceptions=True)
 
     async def close(self) -> None:
@@ -167,9 +177,12 @@ class ModelReconciler:
             model = self.models.get(key)
             if model is None:
                 return
+            if self._converged.get(key) == self._inputs(key):
+                RECONCILES.labels(KIND, "unchanged").inc()
+                return
             started = time.perf_counter()
             try:
-                retry_s = await self._reconcile(key, model)
+                retry_s, used = await self._reconcile(key, model)
             except ApiException as exc:
                 retry_s = self._backoff(key)
                 ERRORS.labels(KIND, f"ApiError{exc.status}").inc()
@@ -210,6 +223,8 @@ class ModelReconciler:
                 self.requeue(key, retry_s)
             else:
                 self._failures.pop(key, None)
+                if used is not None:
+                    self._converged[key] = used
                 RECONCILES.labels(KIND, "ok").inc()
 
     def _backoff(self, key: Key) -> float:
@@ -217,11 +232,12 @@ class ModelReconciler:
         self._failures[key] = failures
         return float(min(_BACKOFF_MAX_S, 0.5 * 2 ** (failures - 1)))
 
-    async def _reconcile(self, key: Key, model: dict[str, Any]) -> float:
-        """One pass; returns seconds until a retry is wanted (0: converged)."""
+    async def _reconcile(self, key: Key, model: dict[str, Any]) -> tuple[float, tuple[int, int] | None]:
+        """One pass. Returns seconds until a retry is wanted (0: converged) and the versions
+        of the Model and InferenceService the pass decided on (after its own writes)."""
         namespace, name = key
         if model["metadata"].get("deletionTimestamp"):
-            return await self._finalize(key, model)
+            return await self._finalize(key, model), None
 
         finalizers = mb.with_finalizer(model)
         if finalizers is not None:
@@ -283,7 +299,7 @@ class ModelReconciler:
 
         if not await self._publish_route(key, model, status.url):
             retry_s = retry_s or self._backoff(key)
-        return retry_s
+        return retry_s, (_rv(model), _rv(seen.isvc))
 
     # ------------------------------------------------------------- children
 
@@ -315,25 +331,24 @@ class ModelReconciler:
                 name,
                 _request_timeout=self.settings.kube_request_timeout_s,
             )
-            self._store(self.isvcs, existing)
-            current = self.isvcs[key]
+            current = self._store(self.isvcs, existing)
             if self._foreign_owner(current, model):
                 return current
             drift = mb.drift_patch(desired, current)
             return current if drift is None else await self._repair_isvc(key, model, drift)
-        self._store(self.isvcs, created)
+        result = self._store(self.isvcs, created)
         log.info("created InferenceService", extra={"action": "create", "kind": KIND, "object": f"{namespace}/{name}"})
         await emit_event(self.api, model, "InferenceServiceCreated", f"created InferenceService {name}")
         if self.settings.operator_test_pause_after_create_s > 0:
             await asyncio.sleep(self.settings.operator_test_pause_after_create_s)
-        return self.isvcs[key]
+        return result
 
     async def _repair_isvc(self, key: Key, model: dict[str, Any], drift: mb.Drift) -> dict[str, Any]:
         namespace, name = key
         patched = await merge_patch(
             self.api, mb.ISVC_GROUP, mb.ISVC_VERSION, mb.ISVC_PLURAL, namespace, name, drift.patch
         )
-        self._store(self.isvcs, patched)
+        result = self._store(self.isvcs, patched)
         DRIFT_REPAIRS.labels(KIND).inc()
         fields = ", ".join(drift.fields)
         log.info(
@@ -341,7 +356,7 @@ class ModelReconciler:
             extra={"action": "update", "kind": KIND, "object": f"{namespace}/{name}", "fields": fields},
         )
         await emit_event(self.api, model, "InferenceServiceUpdated", f"set {fields} on InferenceService {name}")
-        return self.isvcs[key]
+        return result
 
     async def _patch_model(self, key: Key, body: Mapping[str, Any], status: bool = False) -> dict[str, Any]:
         namespace, name = key
@@ -349,8 +364,7 @@ class ModelReconciler:
             result = await patch_status(self.api, GROUP, VERSION, PLURAL, namespace, name, body["status"])
         else:
             result = await merge_patch(self.api, GROUP, VERSION, PLURAL, namespace, name, body)
-        self._store(self.models, result)
-        return self.models[key]
+        return self._store(self.models, result)
 
     async def _phase_event(self, model: dict[str, Any], status: mb.ModelStatus) -> None:
         ready = status.conditions[0] if status.conditions else {}

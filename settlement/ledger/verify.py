@@ -135,10 +135,10 @@ def verify(conn: Conn, *, full: bool = True, redis_url: str | None = None, strea
     # Redis first: whatever was acknowledged before this read was committed before it,
     # so the database snapshot taken afterwards must contain it.
     acked = _stream_snapshot(report, redis_url, stream, group, dead_letter_stream) if full and redis_url else None
-    if conn.autocommit:
-        raise ValueError("verify needs a connection with autocommit off (it runs in one read-only snapshot)")
     conn.rollback()
-    saved = (conn.isolation_level, conn.read_only)
+    # One read-only snapshot, whatever mode the caller's connection is in.
+    saved = (conn.autocommit, conn.isolation_level, conn.read_only)
+    conn.autocommit = False
     conn.isolation_level, conn.read_only = psycopg.IsolationLevel.REPEATABLE_READ, True
     try:
         for check, sql in _QUICK_CHECKS:
@@ -159,7 +159,7 @@ def verify(conn: Conn, *, full: bool = True, redis_url: str | None = None, strea
                 _verify_stream(conn, report, stream, acked)
     finally:
         conn.rollback()
-        conn.isolation_level, conn.read_only = saved
+        conn.autocommit, conn.isolation_level, conn.read_only = saved
     m.LAST_VERIFY_SUCCESS.set(1 if report.ok else 0)
     m.LAST_VERIFY_DRIFTS.set(len(report.drifts))
     m.LAST_VERIFY_TIMESTAMP.set(time.time())
