@@ -190,6 +190,7 @@ def agent_status(
         "secretName": secret,
         "queueDepth": usage.queue_depth,
         "inFlight": usage.in_flight,
+        "rateLimited": usage.rate_limited,
         "spentThisPeriod": to_decimal_string(spent, DEFAULT_DECIMALS),
         "conditions": merge_conditions((previous or {}).get("conditions"), conditions),
     }

@@ -462,6 +462,9 @@ def agent_status_schema() -> Schema:
             "secretName": _string("The Secret holding the API key (never the key itself).", maxLength=253),
             "queueDepth": _integer("Requests waiting in the Agent's queue.", minimum=0, format="int64"),
             "inFlight": _integer("Requests in flight.", minimum=0, format="int64"),
+            "rateLimited": _integer(
+                "Requests the gateway rejected for this Agent's rate or token limits.", minimum=0, format="int64"
+            ),
             "spentThisPeriod": _money("Spent in the current budget period."),
             "budgetRemaining": _money("Left of the budget in the current period."),
             "periodStart": _string("Start of the current budget period.", format="date-time"),

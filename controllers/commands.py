@@ -77,17 +77,20 @@ def operator_process(endpoints: Endpoints, port: Callable[[str], int]) -> Produc
 
     health = port("operator-health")
     metrics = port("operator-metrics")
+    claims = port("operator-claims")
     return ProductProcess(
         name="operator",
         args=["operator"],
         env={
             "OPENLEDGER_HEALTH_PORT": str(health),
             "OPENLEDGER_METRICS_PORT": str(metrics),
+            "OPENLEDGER_CLAIMS_PORT": str(claims),
             "OPENLEDGER_OPERATOR_NAMESPACE": "default",
         },
         ready_url=f"http://127.0.0.1:{health}/readyz",
         exports={
             "OPERATOR_METRICS_URL": f"http://127.0.0.1:{metrics}/metrics",
             "OPERATOR_HEALTH_URL": f"http://127.0.0.1:{health}/healthz",
+            "CLAIMS_URL": f"http://127.0.0.1:{claims}",
         },
     )
