@@ -265,7 +265,7 @@ def stack(redis_url: str, local_platform: Any, tmp_path_factory: pytest.TempPath
     )
     procs.append(kserve)
     stream = f"openledger:usage:bench:{secrets.token_hex(3)}"
-    env = {"REDIS_URL": redis_url, "OPENLEDGER_GATEWAY_USAGE_STREAM": stream, "OPENLEDGER_LOG_LEVEL": "WARNING"}
+    env = {"REDIS_URL": redis_url, "OPENLEDGER_USAGE_STREAM": stream, "OPENLEDGER_LOG_LEVEL": "WARNING"}
     gateway = spawn(
         "gateway",
         [

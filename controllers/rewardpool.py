@@ -13,6 +13,10 @@ Per RewardPool:
   ``status`` (currentEpoch, lastSettledEpoch, lastRoot, lastTxHash, pendingAmount,
   settledTotal; conditions Ready / ChainReachable / Settled) and post an Event per
   epoch transition;
+- on every Model event that can change a selection (a Model created, relabelled,
+  deleted, or first seen after a restart): re-sync the bindings of the pools of
+  that namespace at once, so a Model created after its pool is never served
+  unbound until the next settle tick (its usage would carry no pool);
 - on delete: remove its bindings (a finalizer, since nothing collects garbage locally).
 
 Secrets: their values go only into the Settler (RPC URL, key) — never into logs,
@@ -71,6 +75,11 @@ class RewardPools:
     settlers: dict[str, _Runtime] = field(default_factory=dict)
     # pool -> distributor address, shared with the claims server (its answers name the contract).
     distributors: dict[str, str] = field(default_factory=dict)
+    # Model "ns/name" -> labels as last seen (to tell label changes from status churn).
+    model_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    _pool_locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False, repr=False)
+    _ns_locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False, repr=False)
+    _ns_dirty: set[str] = field(default_factory=set, init=False, repr=False)
 
     def close(self) -> None:
         for runtime in self.settlers.values():
@@ -80,6 +89,11 @@ class RewardPools:
     # -------------------------------------------------------------- bindings
 
     async def sync_bindings(self, namespace: str, name: str, spec: Mapping[str, Any]) -> list[str]:
+        # One sync per pool at a time (its reconcile and a Model event may overlap).
+        async with self._pool_locks.setdefault(object_ref(namespace, name), asyncio.Lock()):
+            return await self._sync_bindings(namespace, name, spec)
+
+    async def _sync_bindings(self, namespace: str, name: str, spec: Mapping[str, Any]) -> list[str]:
         listing = await client.CustomObjectsApi(self.api).list_namespaced_custom_object(
             GROUP, VERSION, namespace, MODEL_PLURAL, _request_timeout=get_settings().kube_request_timeout_s
         )
@@ -99,6 +113,50 @@ class RewardPools:
             pipe.sadd(index, *selected)
         await pipe.execute()
         return selected
+
+    async def observe_model(self, obj: Mapping[str, Any], *, deleted: bool) -> None:
+        """A Model event: when it can change a selection (new, relabelled, deleted), re-sync its namespace."""
+        meta = obj.get("metadata") or {}
+        namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+        key = object_ref(namespace, name)
+        labels = dict(meta.get("labels") or {})
+        previous = self.model_labels.get(key)
+        if deleted:
+            self.model_labels.pop(key, None)
+        else:
+            self.model_labels[key] = labels
+        if rb.model_selection_changed(previous, labels, deleted=deleted):
+            await self.models_changed(namespace)
+
+    async def models_changed(self, namespace: str) -> None:
+        """Re-sync the bindings of every pool of ``namespace``; a burst of Model events coalesces into few passes."""
+        self._ns_dirty.add(namespace)
+        lock = self._ns_locks.setdefault(namespace, asyncio.Lock())
+        if lock.locked():  # the running pass loops once more and sees this change
+            return
+        async with lock:
+            while namespace in self._ns_dirty:
+                self._ns_dirty.discard(namespace)
+                await self.resync_namespace(namespace)
+
+    async def resync_namespace(self, namespace: str) -> None:
+        listing = await client.CustomObjectsApi(self.api).list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, _request_timeout=get_settings().kube_request_timeout_s
+        )
+        items = listing.get("items") or []
+        counts = {str(p["metadata"]["name"]): (p.get("status") or {}).get("models") for p in items}
+        for name, spec in rb.resync_targets(items):
+            models = await self.sync_bindings(namespace, name, spec)
+            log.info(
+                "pool bindings re-synced after a Model change",
+                extra={"action": "rewardpool.models", "pool": object_ref(namespace, name), "models": len(models)},
+            )
+            if counts.get(name) != len(models):
+                try:
+                    await patch_status(self.api, GROUP, VERSION, PLURAL, namespace, name, {"models": len(models)})
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
 
     async def _drop_binding(self, namespace: str, name: str, model: str) -> None:
         assert self.redis is not None
@@ -245,6 +303,15 @@ async def _rewardpool_cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def _rewardpool_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _pools(memo).reconcile(body, settle=False)
+
+
+@kopf.on.event(GROUP, VERSION, MODEL_PLURAL)
+async def _rewardpool_model_event(event: Mapping[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    """A Model created, relabelled or deleted after its pool: bind / unbind it now, not at the next settle tick."""
+    obj = event.get("object")
+    if not obj:
+        return
+    await _pools(memo).observe_model(obj, deleted=event.get("type") == "DELETED")
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=get_settings().settle_interval_s, initial_delay=1.0)

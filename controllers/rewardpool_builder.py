@@ -104,6 +104,39 @@ def selected_models(spec: Mapping[str, Any], models: Sequence[Mapping[str, Any]]
     )
 
 
+def model_selection_changed(
+    previous: Mapping[str, str] | None, labels: Mapping[str, str] | None, *, deleted: bool
+) -> bool:
+    """Whether a Model event can change which pools select it (so its namespace's bindings need a resync).
+
+    ``previous`` is the Model's labels as last seen (None: not seen yet, e.g. just created or the
+    operator restarted); a deletion or any label change counts, other changes (status, spec) do not.
+    """
+    if deleted or previous is None:
+        return True
+    return dict(previous) != dict(labels or {})
+
+
+def resync_targets(pools: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(name, spec)`` of the RewardPools whose bindings a Model change must re-sync.
+
+    Pools being deleted are left to their delete handler; pools whose spec is invalid
+    are skipped (their reconcile reports the error), as the pool's own reconcile does.
+    """
+    out: list[tuple[str, Mapping[str, Any]]] = []
+    for pool in pools:
+        meta = pool.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        spec = pool.get("spec") or {}
+        try:
+            pool_config(str(meta.get("namespace", "")), str(meta.get("name", "")), spec)
+        except RewardPoolSpecError:
+            continue
+        out.append((str(meta["name"]), spec))
+    return sorted(out, key=lambda item: item[0])
+
+
 def binding(namespace: str, name: str, spec: Mapping[str, Any]) -> PoolBinding:
     return PoolBinding(pool=object_ref(namespace, name), fee_bps=int(spec.get("protocolFeeBps", 0)))
 
@@ -197,8 +230,10 @@ __all__ = [
     "RewardPoolSpecError",
     "binding",
     "check_secrets",
+    "model_selection_changed",
     "pool_config",
     "pool_status",
+    "resync_targets",
     "secret_refs",
     "selected_models",
     "selects",

@@ -106,7 +106,7 @@ class Gateway:
     def __init__(self, settings: Settings, redis: RedisClient | None = None) -> None:
         self.settings = settings
         self.redis = redis or RedisClient(settings.redis_url)
-        self.stream = settings.gateway_usage_stream
+        self.stream = settings.usage_stream
         self.timeout_s = settings.gateway_upstream_timeout_s
         self.state = GatewayState(retry_budget=RetryBudget(ratio=settings.gateway_retry_ratio))
         self.breaker_config = BreakerConfig(settings.gateway_breaker_failures, settings.gateway_breaker_cooldown_s)

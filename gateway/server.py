@@ -39,9 +39,7 @@ def run(host: str, port: int, metrics_port: int | None, cpu: int | None = None) 
         backlog=4096,
         timeout_graceful_shutdown=30,
     )
-    log.info(
-        "gateway listening", extra={"action": "start", "port": port, "usage_stream": settings.gateway_usage_stream}
-    )
+    log.info("gateway listening", extra={"action": "start", "port": port, "usage_stream": settings.usage_stream})
     uvicorn.Server(config).run()
 
 

@@ -71,6 +71,23 @@ class Claim:
         )
 
 
+def distributor_of(conn: psycopg.Connection[Any], pool: str, tx_hash: str | None) -> str:
+    """The distributor the pool's roots were published to, from the settler's own transactions.
+
+    Prefers the transaction that settled the epoch (``tx_hash``), else the pool's newest
+    publication; "" when the pool never sent one (e.g. its root was found already on chain).
+    """
+    from web3 import Web3
+
+    prefix = f"publish:{pool}:"
+    row = conn.execute(
+        "SELECT to_address FROM settlement_txs WHERE left(intent, length(%(p)s)) = %(p)s"
+        " ORDER BY (tx_hash = %(h)s) IS TRUE DESC, id DESC LIMIT 1",
+        {"p": prefix, "h": tx_hash},
+    ).fetchone()
+    return str(Web3.to_checksum_address(str(row[0]))) if row else ""
+
+
 def claim_from_conn(conn: psycopg.Connection[Any], pool: str, account: str, distributor: str = "") -> Claim:
     try:
         key = normalise_account(account)
@@ -83,6 +100,8 @@ def claim_from_conn(conn: psycopg.Connection[Any], pool: str, account: str, dist
     if found is None:
         raise ClaimNotFound(f"pool {pool}: account {key} has nothing in epoch {settled.epoch}")
     amount, proof = found
+    if not distributor:
+        distributor = distributor_of(conn, pool, settled.tx_hash)
     return Claim(pool, settled.epoch, key, amount, tuple(proof), settled.root, distributor)
 
 
@@ -104,7 +123,12 @@ def fetch_claim(server: str, pool: str, account: str) -> Claim:
 
 
 def submit_claim(rpc_url: str, key: str, distributor: str, claim: Claim, timeout_s: float = 60.0) -> dict[str, Any]:
-    """Send ``claim`` signed by ``key``; returns the tx hash, status and amount paid."""
+    """Send ``claim`` signed by ``key``; returns the tx hash, status and amount paid.
+
+    When the account has already been paid ``claim.amount`` (a replayed claim, or one
+    superseded by nothing new), the contract would revert (``NothingToClaim``) and burn
+    gas: no transaction is sent and the answer is ``{"nothing_to_claim": true, "paid": "0"}``.
+    """
     from eth_account import Account
     from web3 import Web3
 
@@ -113,6 +137,8 @@ def submit_claim(rpc_url: str, key: str, distributor: str, claim: Claim, timeout
 
     chain = Chain(make_web3(rpc_url))
     before = Distributor(chain, distributor).claimed(claim.account)
+    if before >= claim.amount:
+        return {"tx_hash": None, "status": None, "paid": "0", "nothing_to_claim": True, "claimed": str(before)}
     sender = Account.from_key(key).address
     base_fee = chain.next_base_fee()
     tx = {
@@ -133,6 +159,7 @@ def submit_claim(rpc_url: str, key: str, distributor: str, claim: Claim, timeout
         "tx_hash": "0x" + bytes(tx_hash).hex(),
         "status": int(receipt["status"]),
         "paid": str(max(claim.amount - before, 0) if receipt["status"] == 1 else 0),
+        "nothing_to_claim": False,
     }
 
 
@@ -200,6 +227,7 @@ __all__ = [
     "ClaimNotFound",
     "ClaimsServer",
     "claim_from_conn",
+    "distributor_of",
     "fetch_claim",
     "load_claim",
     "make_app",

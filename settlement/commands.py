@@ -128,7 +128,11 @@ def settler_run(
 @click.option(
     "--submit", is_flag=True, help=f"Send the claim (signed with {SIGNER_KEY_ENV}; anyone may claim for anyone)."
 )
-@click.option("--distributor", default=None, help="Distributor address (required with --submit unless served).")
+@click.option(
+    "--distributor",
+    default=None,
+    help="Distributor address (default: the one the pool's roots were published to, from the database or server).",
+)
 def claim_command(account: str, pool: str, server: str | None, submit: bool, distributor: str | None) -> None:
     """Print ACCOUNT's latest claimable cumulative amount and Merkle proof; optionally submit the claim."""
     from openledger.settlement import claims

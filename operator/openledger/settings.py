@@ -44,9 +44,8 @@ class Settings(BaseSettings):
     claims_port: int = 8091
     settle_interval_s: float = 5.0
 
-    # Gateway (`openledger gateway`). The usage stream is a setting so tests can isolate it.
+    # Gateway (`openledger gateway`); it writes `usage_stream` (below).
     gateway_metrics_port: int = 9109
-    gateway_usage_stream: str = "openledger:usage"
     gateway_upstream_timeout_s: float = 60.0
     gateway_upstream_connections: int = 256
     gateway_default_max_tokens: int = 256
@@ -71,7 +70,8 @@ class Settings(BaseSettings):
     # Testing only: pause this long right after creating a child object (kill -9 window).
     operator_test_pause_after_create_s: float = 0.0
 
-    # Ledger (settlement/ledger). The stream names default to openledger.wire's; tests override them.
+    # The usage stream: the gateway writes it, the ledger worker reads it. The names default
+    # to openledger.wire's; tests override them to isolate themselves.
     usage_stream: str = "openledger:usage"
     usage_dead_letter_stream: str = "openledger:usage:dead"
     usage_consumer_group: str = "ledger"

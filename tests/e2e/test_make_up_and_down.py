@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 from openledger.local.platform import eth_rpc
-from openledger.local.toolchain import kubernetes_binaries
-
-from ..integration.test_no_leftover_processes import processes_mentioning, wait_for
+from tests.integration.test_no_leftover_processes import processes_mentioning
+from tests.waiting import wait_for
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -41,15 +40,15 @@ def test_up_serves_every_component_and_down_stops_them_all() -> None:
         env = sourced(base / "env")
         assert {"KUBECONFIG", "DATABASE_URL", "REDIS_URL", "ETH_RPC_URL"} <= env.keys()
 
-        _, kubectl = kubernetes_binaries()
-        readyz = subprocess.run(
-            [str(kubectl), "get", "--raw", "/readyz"], env={**os.environ, **env}, capture_output=True, text=True
-        )
-        assert readyz.stdout.strip() == "ok", readyz.stderr
-        psql = subprocess.run(["psql", env["DATABASE_URL"], "-tAc", "select 1"], capture_output=True, text=True)
-        assert psql.stdout.strip() == "1", psql.stderr
-        ping = subprocess.run(["redis-cli", "-u", env["REDIS_URL"], "ping"], capture_output=True, text=True)
-        assert ping.stdout.strip() == "PONG"
+        # Exactly what the README tells a user to type after `make up`.
+        user = subprocess.run(
+            ["bash", "-c", f"source {base / 'env'} && kubectl get --raw /readyz && echo && "
+             "psql \"$DATABASE_URL\" -tAc 'select 1' && redis-cli -u \"$REDIS_URL\" ping && openledger --help"],
+            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert user.returncode == 0, user.stderr
+        assert user.stdout.split()[:3] == ["ok", "1", "PONG"], user.stdout
         assert eth_rpc(env["ETH_RPC_URL"], "eth_chainId") == "0x7a69"
 
         status = cli("local", "status", "--dir", str(base))
@@ -61,5 +60,5 @@ def test_up_serves_every_component_and_down_stops_them_all() -> None:
     finally:
         down = cli("local", "down", "--dir", str(base))
     assert down.returncode == 0, down.stderr
-    assert wait_for(lambda: not processes_mentioning(str(base))), processes_mentioning(str(base))
+    wait_for(lambda: not processes_mentioning(str(base)), what="no process left")
     assert cli("local", "status", "--dir", str(base)).returncode == 1

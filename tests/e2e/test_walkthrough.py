@@ -201,7 +201,6 @@ def test_walkthrough_from_model_to_claimed_epoch(
         "OPENLEDGER_LEADER_LEASE_NAME": f"ol-walk-{ns}",
         "OPENLEDGER_CLAIMS_PORT": str(free_port()),
         "OPENLEDGER_SETTLE_INTERVAL_S": "1",
-        "OPENLEDGER_GATEWAY_USAGE_STREAM": stream,
         "OPENLEDGER_USAGE_STREAM": stream,
         "OPENLEDGER_USAGE_DEAD_LETTER_STREAM": f"{stream}:dead",
         "OPENLEDGER_LOCAL_DIR": str(tmp_path),  # the stand-in's model-server logs

@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from openledger.local.platform import LocalPlatform
 from openledger.local.processes import pid_alive
+from tests.waiting import wait_for
 
 
 def processes_mentioning(marker: str) -> list[int]:
@@ -29,15 +29,6 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def wait_for(predicate: object, timeout_s: float = 20) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_stop_leaves_no_process_behind() -> None:
     base = Path(tempfile.mkdtemp(prefix="openledger-leak-"))
     platform = LocalPlatform(base, detached=False, durable=False, components=["etcd", "postgres", "redis"])
@@ -47,7 +38,7 @@ def test_stop_leaves_no_process_behind() -> None:
     assert processes_mentioning(str(base))
     platform.stop()
     assert not any(pid_alive(pid) for pid in pids)
-    assert wait_for(lambda: not processes_mentioning(str(base))), processes_mentioning(str(base))
+    wait_for(lambda: not processes_mentioning(str(base)), what="no process left")
 
 
 def test_a_killed_owner_takes_its_components_with_it() -> None:
@@ -67,6 +58,6 @@ def test_a_killed_owner_takes_its_components_with_it() -> None:
         assert len(processes_mentioning(str(base))) >= 3
         owner.send_signal(signal.SIGKILL)
         owner.wait(timeout=10)
-        assert wait_for(lambda: not processes_mentioning(str(base))), processes_mentioning(str(base))
+        wait_for(lambda: not processes_mentioning(str(base)), what="no process left")
     finally:
         owner.kill()

@@ -90,6 +90,28 @@ def test_selected_models_and_binding() -> None:
     assert rb.binding("ns", "pool", spec()) == PoolBinding(pool="ns/pool", fee_bps=500)
 
 
+def test_model_events_that_can_change_the_selection() -> None:
+    assert rb.model_selection_changed(None, {"team": "a"}, deleted=False)  # first seen (created / restart)
+    assert rb.model_selection_changed({"team": "a"}, {"team": "b"}, deleted=False)  # relabelled
+    assert rb.model_selection_changed({"team": "a"}, None, deleted=False)  # labels removed
+    assert rb.model_selection_changed({"team": "a"}, {"team": "a"}, deleted=True)  # deleted
+    assert not rb.model_selection_changed({"team": "a"}, {"team": "a"}, deleted=False)  # status/spec only
+    assert not rb.model_selection_changed({}, None, deleted=False)
+
+
+def test_resync_targets_skip_deleting_and_invalid_pools() -> None:
+    def pool(name: str, body: dict[str, Any], **meta: Any) -> dict[str, Any]:
+        return {"metadata": {"name": name, "namespace": "ns", **meta}, "spec": body}
+
+    pools = [
+        pool("b", spec()),
+        pool("a", spec(protocolFeeBps=100)),
+        pool("gone", spec(), deletionTimestamp="2026-01-01T00:00:00Z"),
+        pool("bad", spec(chain={})),
+    ]
+    assert [(name, s.get("protocolFeeBps")) for name, s in rb.resync_targets(pools)] == [("a", 100), ("b", 500)]
+
+
 def settled(**over: Any) -> PoolStatus:
     base: dict[str, Any] = dict(
         current_epoch=10,

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -185,7 +186,18 @@ class LocalPlatform:
         }
         self.state_path.write_text(json.dumps(state, indent=2))
         lines = [f"export {k}={_shell_quote(v)}" for k, v in self.endpoints.as_env().items()]
+        lines.append(f'export PATH={_shell_quote(":".join(self._tool_dirs()))}:"$PATH"')
         (self.base_dir / "env").write_text("\n".join(lines) + "\n")
+
+    def _tool_dirs(self) -> list[str]:
+        """``openledger`` (this virtualenv) and the cached kubectl/helm, for ``source .local/env``."""
+        dirs = [str(Path(sys.executable).parent)]
+        if "kube-apiserver" in self.components:
+            dirs.append(str(toolchain.kubernetes_binaries()[1].parent))
+        helm = toolchain.cache_root() / f"helm-{toolchain.HELM_VERSION}"
+        if helm.is_dir():
+            dirs.append(str(helm))
+        return dirs
 
     def _spawn(self, name: str, argv: list[str], **kwargs: object) -> ManagedProcess:
         process = spawn(name, argv, self.base_dir / "logs" / f"{name}.log", detached=self.detached, **kwargs)  # type: ignore[arg-type]

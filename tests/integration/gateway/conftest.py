@@ -4,7 +4,7 @@ model), and real gateway processes.
 
 Isolation on the shared Redis: every test provisions its own Agent in its own
 namespace (``gw-<random>``), and each gateway process writes usage events to
-its own stream (``OPENLEDGER_GATEWAY_USAGE_STREAM``).
+its own stream (``OPENLEDGER_USAGE_STREAM``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import secrets
 import signal
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,20 +26,10 @@ from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, choos
 from openledger.local.processes import ManagedProcess, free_port, spawn, stop_pid, wait_ready
 from openledger.money import to_base_units
 from openledger.wire import USAGE_STREAM, ModelRoute, PoolBinding, Price, model_pool_key, model_route_key
+from tests.waiting import wait_for  # noqa: F401 - re-exported to the tests
 
 OWNER = "0x" + "ab" * 20
 PAYER = "0x" + "cd" * 20
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last value: {last!r}")
 
 
 def http_ok(url: str) -> bool:
@@ -109,7 +98,7 @@ class GatewayProcess:
             "--metrics-port",
             str(self.metrics_port),
         ]
-        env = {**self.env, "OPENLEDGER_GATEWAY_USAGE_STREAM": self.stream}
+        env = {**self.env, "OPENLEDGER_USAGE_STREAM": self.stream}
         self.process = spawn("gateway", argv, self.log_dir / f"gateway-{self.starts}.log", detached=False, env=env)
         wait_ready(self.process, lambda: http_ok(f"{self.url}/healthz"), 60)
 

@@ -26,22 +26,12 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from openledger.local.processes import ManagedProcess, free_port, spawn, stop_pid, tail, wait_ready
+from tests.waiting import wait_for
 
 GROUP, VERSION = "openledger.io", "v1alpha1"
 ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
 OWNER = "0x" + "11" * 20
 CONTRIBUTOR = "0x" + "22" * 20
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last value: {last!r}")
 
 
 def model_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:

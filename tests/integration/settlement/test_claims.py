@@ -60,9 +60,23 @@ def test_served_proof_verifies_and_the_cli_submits_the_claim_once(
         # Printing only (from the database) works without a key; a second submit pays nothing.
         printed = subprocess.run(argv[:-3], env=env, capture_output=True, text=True, timeout=60, check=True)
         assert json.loads(printed.stdout)["amount"] == body["amount"]
+        assert result["submitted"]["nothing_to_claim"] is False
+        # A replayed claim sends no transaction (it would revert NothingToClaim and burn gas).
+        nonce = chain.w3.eth.get_transaction_count(claimer.address)  # type: ignore[arg-type]
         again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
-        assert json.loads(again.stdout)["submitted"]["status"] == 0
+        replay = json.loads(again.stdout)["submitted"]
+        assert replay["nothing_to_claim"] is True and replay["paid"] == "0" and replay["tx_hash"] is None
+        assert chain.w3.eth.get_transaction_count(claimer.address) == nonce  # type: ignore[arg-type]
         assert Distributor(chain, deployment.distributor).claimed(OWNER) == int(str(body["amount"]))
+
+        # Without --server the distributor comes from the database (the settler's publication).
+        from_db = [sys.executable, "-m", "openledger.cli", "claim", OTHER, "--pool", POOL, "--submit"]
+        out = subprocess.run(from_db, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        other = json.loads(out.stdout)
+        assert other["distributor"].lower() == deployment.distributor.lower()
+        assert other["submitted"]["status"] == 1 and int(other["submitted"]["paid"]) == int(other["amount"]) > 0
+        assert token_balance(chain, deployment.token, OTHER) == int(other["amount"])
     finally:
         server.stop()
 
