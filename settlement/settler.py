@@ -98,13 +98,15 @@ class Settler:
         due = current - 1
         if due >= 1 and (newest is None or newest.epoch < due):
             closed = ep.close_epoch(self.conn, pool, due, self.config.min_payout)
-            events.append(
-                (
-                    "Normal",
-                    "EpochClosed",
-                    f"epoch {due} closed: {closed.row.payee_count} payees, root {closed.row.root}",
+            # An epoch that changed nothing (same root) is not worth an Event every epoch.
+            if newest is None or closed.row.root != newest.root:
+                events.append(
+                    (
+                        "Normal",
+                        "EpochClosed",
+                        f"epoch {due} closed: {closed.row.payee_count} payees, root {closed.row.root}",
+                    )
                 )
-            )
         if not self.config.paused:
             try:
                 events += self._publish_step()
