@@ -44,6 +44,7 @@ from openledger.controllers.agent_builder import (
     secret_name,
 )
 from openledger.controllers.api import GROUP, VERSION
+from openledger.controllers.metrics import reconcile_pass
 from openledger.gateway.records import (
     QUEUE_GROUP,
     AgentConfig,
@@ -282,13 +283,14 @@ class _Invalid(Exception):
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def reconcile_agent(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     _adopt(memo)
-    try:
-        status = await apply_agent(dict(body))
-    except _Invalid as exc:
-        patch.status.update(exc.status)
-        await kube.emit_event(await _api(), dict(body), "InvalidSpec", str(exc), type_="Warning")
-        raise kopf.PermanentError(str(exc)) from None
-    patch.status.update(status)
+    async with reconcile_pass("Agent"):
+        try:
+            status = await apply_agent(dict(body))
+        except _Invalid as exc:
+            patch.status.update(exc.status)
+            await kube.emit_event(await _api(), dict(body), "InvalidSpec", str(exc), type_="Warning")
+            raise kopf.PermanentError(str(exc)) from None
+        patch.status.update(status)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -13,6 +13,10 @@ with its ``kind`` label.
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from openledger.metrics import REGISTRY
@@ -53,3 +57,19 @@ LEADER = Gauge(
     "1 while this replica holds the leader Lease and runs the controllers.",
     registry=REGISTRY,
 )
+
+
+@asynccontextmanager
+async def reconcile_pass(kind: str) -> AsyncIterator[None]:
+    """Count and time one reconcile pass of ``kind``: ``ok``, or ``error`` (by exception type) when it raises."""
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException as exc:
+        RECONCILES.labels(kind, "error").inc()
+        ERRORS.labels(kind, type(exc).__name__).inc()
+        raise
+    else:
+        RECONCILES.labels(kind, "ok").inc()
+    finally:
+        RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)

@@ -44,6 +44,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from openledger.controllers import rewardpool_builder as rb
 from openledger.controllers.kube import emit_event, patch_status
+from openledger.controllers.metrics import reconcile_pass
 from openledger.settings import get_settings
 from openledger.settlement.settler import ChainSecrets, PoolConfig, Settler
 from openledger.wire import PoolBinding, model_pool_key, object_ref
@@ -302,7 +303,8 @@ async def _rewardpool_cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def _rewardpool_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _pools(memo).reconcile(body, settle=False)
+    async with reconcile_pass("RewardPool"):
+        await _pools(memo).reconcile(body, settle=False)
 
 
 @kopf.on.event(GROUP, VERSION, MODEL_PLURAL)
@@ -316,7 +318,8 @@ async def _rewardpool_model_event(event: Mapping[str, Any], memo: kopf.Memo, **_
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=get_settings().settle_interval_s, initial_delay=1.0)
 async def _rewardpool_settle(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _pools(memo).reconcile(body, settle=True)
+    async with reconcile_pass("RewardPool"):
+        await _pools(memo).reconcile(body, settle=True)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

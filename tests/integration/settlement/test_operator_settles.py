@@ -133,6 +133,7 @@ def test_operator_settles_a_pool_and_serves_its_proofs(
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         assert f'openledger_settlement_epochs_settled_total{{pool="{ns}/pool"}}' in text
+        assert 'openledger_operator_reconciles_total{kind="RewardPool",result="ok"}' in text
         log_text = process.log_path.read_text()
         assert signer.key[2:] not in log_text and signer.key[2:] not in json.dumps(status)
     finally:
