@@ -343,9 +343,19 @@ async def secret_deleted(
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=STATUS_INTERVAL_S, initial_delay=STATUS_INTERVAL_S)
 async def agent_usage(
-    name: str, namespace: str | None, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any
+    name: str,
+    namespace: str | None,
+    body: kopf.Body,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
-    """Mirror queue depth, in-flight, spend and rate-limited count into the status."""
+    """Mirror queue depth, in-flight, spend and rate-limited count into the status.
+
+    Also the repair loop for Redis: a restarted (empty) Redis has lost the Agent's records,
+    so they are written again from the spec and the Secret's key (``apply_agent`` is idempotent).
+    """
     _adopt(memo)
     ref = f"{namespace}/{name}"
     if status.get("phase") in (None, "Failed", "Pending"):
@@ -353,6 +363,8 @@ async def agent_usage(
     try:
         config = await read_config(ref)
         if config is None:
+            log.warning("agent records missing in Redis; restoring", extra={"action": "restore", "agent": ref})
+            patch.status.update(await apply_agent(dict(body)))
             return
         usage = await read_usage(config)
     except aioredis.RedisError:

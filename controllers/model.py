@@ -469,14 +469,33 @@ def _reconciler(memo: Any) -> ModelReconciler:
     return rec
 
 
+# Present in Redis while it still holds what the operator published. Redis may restart
+# empty (the local platform runs it with --save ''): its absence means "republish now".
+REDIS_SENTINEL_KEY = "openledger:operator:published"
+
+
+async def redis_was_reset(redis: Any | None) -> bool:
+    """True when the sentinel was missing (and is now set): every route must be written again."""
+    if redis is None:
+        return False
+    try:
+        return bool(await redis.set(REDIS_SENTINEL_KEY, "1", nx=True))
+    except Exception:  # noqa: BLE001 - Redis down: nothing to republish into yet; checked again soon
+        return False
+
+
 @kopf.on.startup()
 async def _model_startup(memo: kopf.Memo, **_: Any) -> None:
     rec = _reconciler(memo)
 
     async def resync_forever() -> None:
+        loop = asyncio.get_running_loop()
+        last_full = loop.time()
         while True:
-            await asyncio.sleep(rec.settings.operator_resync_s)
-            await rec.resync()
+            await asyncio.sleep(rec.settings.operator_redis_check_s)
+            if await redis_was_reset(rec.redis) or loop.time() - last_full >= rec.settings.operator_resync_s:
+                await rec.resync()
+                last_full = loop.time()
 
     memo.model_resync_task = asyncio.get_running_loop().create_task(resync_forever(), name="model-resync")
 

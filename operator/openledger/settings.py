@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     leader_lease_duration_s: float = 15.0
     leader_renew_period_s: float = 5.0
     operator_resync_s: float = 300.0  # full level-based pass over every cached object
+    operator_redis_check_s: float = 2.0  # how often to check whether Redis lost what was published
     operator_crd_retry_s: float = 30.0  # how often to retry while a needed CRD (KServe) is missing
     operator_max_concurrent_reconciles: int = 32
     kube_max_connections: int = 64  # HTTP connection pool of the operator's API client
