@@ -183,9 +183,13 @@ class ModelReconciler:
             started = time.perf_counter()
             try:
                 retry_s, used = await self._reconcile(key, model)
-            except ApiException as exc:
+            except (ApiException, OSError, TimeoutError) as exc:
                 retry_s = self._backoff(key)
-                ERRORS.labels(KIND, f"ApiError{exc.status}").inc()
+                if isinstance(exc, ApiException):
+                    reason, status, message = f"ApiError{exc.status}", exc.status, api_error_message(exc)
+                else:
+                    reason, status, message = type(exc).__name__, None, str(exc)
+                ERRORS.labels(KIND, reason).inc()
                 RECONCILES.labels(KIND, "error").inc()
                 log.warning(
                     "reconcile failed",
@@ -193,24 +197,8 @@ class ModelReconciler:
                         "action": "reconcile",
                         "kind": KIND,
                         "object": "/".join(key),
-                        "status": exc.status,
-                        "error": api_error_message(exc)[:300],
-                        "retry_s": retry_s,
-                    },
-                )
-                self.requeue(key, retry_s)
-                return
-            except (OSError, TimeoutError) as exc:
-                retry_s = self._backoff(key)
-                ERRORS.labels(KIND, type(exc).__name__).inc()
-                RECONCILES.labels(KIND, "error").inc()
-                log.warning(
-                    "reconcile failed",
-                    extra={
-                        "action": "reconcile",
-                        "kind": KIND,
-                        "object": "/".join(key),
-                        "error": str(exc)[:300],
+                        "status": status,
+                        "error": message[:300],
                         "retry_s": retry_s,
                     },
                 )

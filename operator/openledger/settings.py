@@ -93,7 +93,8 @@ class Settings(BaseSettings):
 
     # Local platform (make up and the test fixtures).
     local_dir: Path = Path(".local")
-    shared_dir: Path = Path("../shared")
+    # Third-party CRDs to install (default: ../shared/third_party/crds beside the project).
+    third_party_crds: Path | None = None
 
     @property
     def sqlalchemy_url(self) -> str:

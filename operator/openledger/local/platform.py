@@ -40,6 +40,7 @@ from openledger.local.processes import (
     tail,
     wait_ready,
 )
+from openledger.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ def eth_rpc(url: str, method: str, params: list[object] | None = None, timeout_s
 
 def shared_crd_dir() -> Path | None:
     """``../shared/third_party/crds`` beside the project, when it exists."""
-    configured = os.environ.get("OPENLEDGER_THIRD_PARTY_CRDS")
-    candidates = [Path(configured)] if configured else []
+    # A fresh Settings, not the cached one: tests point this at another folder per platform.
+    configured = Settings().third_party_crds
+    candidates = [configured] if configured else []
     candidates.append(PROJECT_ROOT.parent / "shared" / "third_party" / "crds")
     for candidate in candidates:
         if candidate.is_dir():
