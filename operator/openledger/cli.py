@@ -49,9 +49,9 @@ def local_up(base_dir: Path | None) -> None:
     platform = LocalPlatform(base, detached=True)
     try:
         endpoints = platform.start()
-        specs = [build(endpoints, platform._port) for build in PRODUCT_PROCESSES]
+        specs = [build(endpoints, platform.port) for build in PRODUCT_PROCESSES]
         env = {**endpoints.as_env(), "OPENLEDGER_LOCAL_DIR": str(base)}
-        spawned = [platform._spawn(s.name, s.argv(), env={**env, **s.env}) for s in specs]
+        spawned = [platform.spawn(s.name, s.argv(), env={**env, **s.env}) for s in specs]
         # Product processes start side by side; each is then checked by a real request.
         with ThreadPoolExecutor(max_workers=max(len(specs), 1)) as pool:
             checks = [

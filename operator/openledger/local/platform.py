@@ -201,12 +201,14 @@ class LocalPlatform:
             dirs.append(str(helm))
         return dirs
 
-    def _spawn(self, name: str, argv: list[str], **kwargs: object) -> ManagedProcess:
+    def spawn(self, name: str, argv: list[str], **kwargs: object) -> ManagedProcess:
+        """Start a process owned by this platform (log under ``logs/``, stopped by ``stop``)."""
         process = spawn(name, argv, self.base_dir / "logs" / f"{name}.log", detached=self.detached, **kwargs)  # type: ignore[arg-type]
         self.add_process(process)
         return process
 
-    def _port(self, name: str) -> int:
+    def port(self, name: str) -> int:
+        """A free loopback port for ``name``, the same one on every call (restarts keep it)."""
         with self._lock:
             if name not in self.ports:
                 self.ports[name] = free_port()
@@ -222,7 +224,7 @@ class LocalPlatform:
 
     def _start_etcd(self) -> None:
         binary = toolchain.etcd_binary()
-        client, peer = self._port("etcd"), self._port("etcd-peer")
+        client, peer = self.port("etcd"), self.port("etcd-peer")
         data = self.base_dir / "etcd"
         argv = [
             str(binary),
@@ -238,14 +240,14 @@ class LocalPlatform:
         ]
         if not self.durable:
             argv.append("--unsafe-no-fsync")
-        process = self._spawn("etcd", argv)
+        process = self.spawn("etcd", argv)
         url = f"http://127.0.0.1:{client}"
         wait_ready(process, lambda: '"health":"true"' in _http_get(url + "/health"), 60)
         self.endpoints.etcd_url = url
 
     def _start_kube_apiserver(self) -> None:
         apiserver, _ = toolchain.kubernetes_binaries()
-        port = self._port("kube-apiserver")
+        port = self.port("kube-apiserver")
         conf = self.base_dir / "kube"
         conf.mkdir(parents=True, exist_ok=True)
         token = self._admin_token(conf)
@@ -268,7 +270,7 @@ class LocalPlatform:
             "--disable-admission-plugins=ServiceAccount",
             "--v=0",
         ]
-        process = self._spawn("kube-apiserver", argv)
+        process = self.spawn("kube-apiserver", argv)
         url = f"https://127.0.0.1:{port}"
         headers = {"Authorization": f"Bearer {token}"}
         wait_ready(process, lambda: _http_get(url + "/readyz", headers) == "ok", 120)
@@ -353,7 +355,7 @@ class LocalPlatform:
 
     def _start_postgres(self) -> None:
         bindir = _postgres_bindir()
-        port = self._port("postgres")
+        port = self.port("postgres")
         data = self.base_dir / "postgres" / "data"
         sockets = self.base_dir / "postgres" / "run"
         run_as = _postgres_user()
@@ -398,7 +400,7 @@ class LocalPlatform:
         for key, value in settings.items():
             argv += ["-c", f"{key}={value}"]
         # SIGINT is PostgreSQL's "fast shutdown": roll back and exit cleanly.
-        process = self._spawn("postgres", argv, user=run_as, stop_signal=signal.SIGINT)
+        process = self.spawn("postgres", argv, user=run_as, stop_signal=signal.SIGINT)
         admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         wait_ready(process, lambda: _pg_ready(admin_url), 60)
         _pg_create_database(admin_url, "openledger")
@@ -412,7 +414,7 @@ class LocalPlatform:
             raise ComponentError(
                 "`redis-server` is not installed: apt-get install redis-server (make test does it as root)"
             )
-        port = self._port("redis")
+        port = self.port("redis")
         data = self.base_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
         argv = [
@@ -430,7 +432,7 @@ class LocalPlatform:
             "--daemonize",
             "no",
         ]
-        process = self._spawn("redis", argv)
+        process = self.spawn("redis", argv)
         url = f"redis://127.0.0.1:{port}/0"
         wait_ready(process, lambda: _redis_ping(port), 30)
         self.endpoints.redis_url = url
@@ -439,9 +441,9 @@ class LocalPlatform:
 
     def _start_anvil(self) -> None:
         binary = toolchain.anvil_binary()
-        port = self._port("anvil")
+        port = self.port("anvil")
         argv = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(ANVIL_CHAIN_ID), "--silent"]
-        process = self._spawn("anvil", argv)
+        process = self.spawn("anvil", argv)
         url = f"http://127.0.0.1:{port}"
         wait_ready(process, lambda: eth_rpc(url, "eth_chainId") == hex(ANVIL_CHAIN_ID), 30)
         self.endpoints.eth_rpc_url = url
