@@ -45,6 +45,7 @@ import redis
 
 from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, choose_quantum, hash_api_key
 from openledger.local.processes import ManagedProcess, free_port, spawn, wait_ready
+from openledger.local.standin import serve_argv
 from openledger.wire import ModelRoute, Price, model_route_key
 
 RUNS = int(os.environ.get("GATEWAY_BENCH_RUNS", "3"))
@@ -247,19 +248,7 @@ def stack(redis_url: str, local_platform: Any, tmp_path_factory: pytest.TempPath
     procs.append(fast)
     kserve = spawn(
         "kserve",
-        [
-            sys.executable,
-            "-m",
-            "openledger.cli",
-            "standin",
-            "serve",
-            "--name",
-            "iris",
-            "--kind",
-            "v1",
-            "--port",
-            str(kserve_port),
-        ],
+        serve_argv("iris", "v1", kserve_port),
         tmp / "kserve.log",
         detached=False,
     )

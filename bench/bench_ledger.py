@@ -31,9 +31,9 @@ import redis
 
 from openledger.gateway.ids import uuid7
 from openledger.local.processes import spawn, tail
-from openledger.settlement.ledger import db as ledger_db
 from openledger.settlement.ledger.ingest import COPY_COLUMNS, Parser, assemble
 from openledger.wire import Contributor, Price, UsageEvent
+from tests.databases import fresh_database
 
 N_EVENTS = int(os.environ.get("LEDGER_BENCH_EVENTS", "200000"))
 BATCH = int(os.environ.get("LEDGER_BENCH_BATCH", "5000"))
@@ -66,22 +66,6 @@ def make_events(n: int) -> list[dict[str, str]]:
         )
         out.append(e.to_fields())
     return out
-
-
-def fresh_db(database_url: str) -> str:
-    name = f"bench_ledger_{uuid.uuid4().hex[:10]}"
-    admin = database_url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = database_url.rsplit("/", 1)[0] + "/" + name
-    ledger_db.upgrade(url)
-    return url
-
-
-def drop_db(url: str) -> None:
-    admin = url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
 
 
 def count(url: str) -> int:
@@ -133,7 +117,11 @@ CPU: dict[str, list[float]] = {}
 
 
 def run_workers(database_url: str, redis_url: str, stream: str, workers: int, tmp: Path) -> float:
-    url = fresh_db(database_url)
+    with fresh_database(database_url, "bench_ledger") as url:
+        return _run_workers_on(url, redis_url, stream, workers, tmp)
+
+
+def _run_workers_on(url: str, redis_url: str, stream: str, workers: int, tmp: Path) -> float:
     r = redis.Redis.from_url(redis_url)
     group = f"bench-{uuid.uuid4().hex[:8]}"
     r.xgroup_create(stream, group, id="$")
@@ -161,7 +149,7 @@ def run_workers(database_url: str, redis_url: str, stream: str, workers: int, tm
             assert time.monotonic() < deadline, "workers did not start:\n" + tail(procs[0].log_path)
             time.sleep(0.05)
         time.sleep(0.3)
-        pg_pid = _server_pid(int(database_url.rsplit(":", 1)[1].split("/")[0]), "postgres")
+        pg_pid = _server_pid(int(url.rsplit(":", 1)[1].split("/")[0]), "postgres")
         redis_pid = _server_pid(int(redis_url.rsplit(":", 1)[1].split("/")[0]), "redis-server")
         cpu0 = (sum(_cpu_s(p.pid) for p in procs), _tree_cpu_s(pg_pid), _cpu_s(redis_pid))
         started = time.monotonic()
@@ -183,7 +171,6 @@ def run_workers(database_url: str, redis_url: str, stream: str, workers: int, tm
             p.stop()
         r.xgroup_destroy(stream, group)
         r.close()
-        drop_db(url)
 
 
 def raw_copy_rate(database_url: str, events: list[dict[str, str]]) -> tuple[float, float]:
@@ -200,17 +187,13 @@ def raw_copy_rate(database_url: str, events: list[dict[str, str]]) -> tuple[floa
             records.append(parser.parse(b"%d-0" % (start + i), kv))
         chunks.append(assemble(records).copy_data(1 + start // BATCH * 1024))
     parse_rate = len(events) / (time.perf_counter() - t0)  # includes the bytes encoding above
-    url = fresh_db(database_url)
-    try:
-        with psycopg.connect(url) as conn:
-            t0 = time.perf_counter()
-            for data in chunks:
-                with conn.cursor().copy(f"COPY usage_events ({', '.join(COPY_COLUMNS)}) FROM STDIN") as copy:
-                    copy.write(data)
-                conn.commit()
-            return len(events) / (time.perf_counter() - t0), parse_rate
-    finally:
-        drop_db(url)
+    with fresh_database(database_url, "bench_copy") as url, psycopg.connect(url) as conn:
+        t0 = time.perf_counter()
+        for data in chunks:
+            with conn.cursor().copy(f"COPY usage_events ({', '.join(COPY_COLUMNS)}) FROM STDIN") as copy:
+                copy.write(data)
+            conn.commit()
+        return len(events) / (time.perf_counter() - t0), parse_rate
 
 
 @pytest.mark.bench

@@ -36,11 +36,11 @@ from openledger.settlement import epochs as ep
 from openledger.settlement.chain.deploy import deploy
 from openledger.settlement.chain.distributor import Distributor, claim_calldata, publish_calldata
 from openledger.settlement.chain.rpc import Chain, make_web3
-from openledger.settlement.ledger import db as ledger_db
 from openledger.settlement.ledger.ingest import Parser, assemble
 from openledger.settlement.ledger.writer import BatchWriter
 from openledger.settlement.merkle import build_tree, leaf_preimage, proof_at
 from openledger.wire import Contributor, Price, UsageEvent
+from tests.databases import fresh_database
 
 PAYEES = int(os.environ.get("SETTLEMENT_BENCH_PAYEES", "100000"))
 EVENTS = int(os.environ.get("SETTLEMENT_BENCH_EVENTS", "1000000"))
@@ -186,13 +186,7 @@ def insert_events(url: str, n: int) -> None:
 
 
 def bench_close(database_url: str) -> dict[str, object]:
-    name = f"bench_settle_{uuid.uuid4().hex[:8]}"
-    admin = database_url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = database_url.rsplit("/", 1)[0] + "/" + name
-    try:
-        ledger_db.upgrade(url)
+    with fresh_database(database_url, "bench_settle") as url:
         t0 = time.perf_counter()
         insert_events(url, EVENTS)
         insert_s = time.perf_counter() - t0
@@ -218,9 +212,6 @@ def bench_close(database_url: str) -> dict[str, object]:
             },
             "x_baseline": round(statistics.median(closes) / statistics.median(scans), 3),
         }
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.mark.bench

@@ -33,7 +33,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -50,6 +49,7 @@ from openledger.local.product import PRODUCT_PROCESSES
 from openledger.money import to_base_units
 from openledger.settlement.chain.rpc import make_web3
 from openledger.wire import UsageEvent
+from tests.databases import fresh_database
 
 ROOT = Path(__file__).resolve().parents[2]
 WALKTHROUGH = ROOT / "examples" / "walkthrough"
@@ -162,15 +162,9 @@ def split(cost: int) -> tuple[int, int, int]:
 
 @pytest.fixture
 def walk_db(database_url: str) -> Iterator[str]:
-    name = f"walk_{uuid.uuid4().hex[:12]}"
-    admin = database_url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield database_url.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    # Not migrated: the ledger worker started by the test runs `db upgrade` itself.
+    with fresh_database(database_url, "walk", migrate=False) as url:
+        yield url
 
 
 # --------------------------------------------------------------------- test

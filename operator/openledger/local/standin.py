@@ -299,6 +299,12 @@ def model_kind(isvc: dict[str, Any], model_protocol: str | None) -> str:
     return "v2" if model.get("protocolVersion") == "v2" else "v1"
 
 
+def serve_argv(name: str, kind: str, port: int) -> list[str]:
+    """The command line of one model server (``openledger standin serve``) on ``port``."""
+    serve = ["standin", "serve", "--name", name, "--kind", kind, "--port", str(port)]
+    return [sys.executable, "-m", "openledger.cli", *serve]
+
+
 class StandIn:
     def __init__(self, log_dir: Path, namespaces: list[str]) -> None:
         self.log_dir = log_dir
@@ -383,19 +389,7 @@ class StandIn:
 
     def _start(self, namespace: str, name: str, kind: str, generation: int) -> _Served:
         port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "openledger.cli",
-            "standin",
-            "serve",
-            "--name",
-            name,
-            "--kind",
-            kind,
-            "--port",
-            str(port),
-        ]
+        argv = serve_argv(name, kind, port)
         process = spawn(
             f"model-{namespace}-{name}", argv, self.log_dir / f"model-{namespace}-{name}.log", detached=False
         )

@@ -24,6 +24,7 @@ import redis
 
 from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, choose_quantum, hash_api_key
 from openledger.local.processes import ManagedProcess, free_port, spawn, stop_pid, wait_ready
+from openledger.local.standin import serve_argv
 from openledger.money import to_base_units
 from openledger.wire import USAGE_STREAM, ModelRoute, PoolBinding, Price, model_pool_key, model_route_key
 from tests.waiting import wait_for  # noqa: F401 - re-exported to the tests
@@ -49,20 +50,7 @@ def model_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelSer
     procs: list[ManagedProcess] = []
     ports = {"iris": free_port(), "llm": free_port()}
     for name, kind in (("iris", "v1"), ("llm", "openai")):
-        argv = [
-            sys.executable,
-            "-m",
-            "openledger.cli",
-            "standin",
-            "serve",
-            "--name",
-            name,
-            "--kind",
-            kind,
-            "--port",
-            str(ports[name]),
-        ]
-        procs.append(spawn(f"model-{name}", argv, logs / f"{name}.log", detached=False))
+        procs.append(spawn(f"model-{name}", serve_argv(name, kind, ports[name]), logs / f"{name}.log", detached=False))
     try:
         for proc, name in zip(procs, ("iris", "llm"), strict=True):
             wait_ready(proc, lambda n=name: http_ok(f"http://127.0.0.1:{ports[n]}/v1/models/{n}"), 90)

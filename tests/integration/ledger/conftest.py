@@ -11,7 +11,6 @@ import random
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,10 @@ import redis
 
 from openledger.gateway.ids import uuid7
 from openledger.local.processes import ManagedProcess, spawn
-from openledger.settlement.ledger import db as ledger_db
 from openledger.settlement.ledger import split as sp
 from openledger.settlement.ledger.worker import LedgerWorker, WorkerConfig
 from openledger.wire import Contributor, Price, UsageEvent
+from tests.databases import fresh_database
 
 PRICE = Price(per_request=10**12, per_input_token=3 * 10**9 + 7, per_output_token=11 * 10**9 + 3)
 PAYERS = [f"0x{i:040x}" for i in range(1, 6)]
@@ -151,20 +150,14 @@ class LedgerEnv:
 
 @pytest.fixture
 def ledger_env(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[LedgerEnv]:
-    name = f"ledger_{uuid.uuid4().hex[:12]}"
-    admin = database_url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = database_url.rsplit("/", 1)[0] + "/" + name
-    ledger_db.upgrade(url)
-    env = LedgerEnv(url, redis_url, f"test:{name}:usage", f"test:{name}:dead", log_dir=tmp_path)
-    try:
-        yield env
-    finally:
-        env.redis.delete(env.stream, env.dead_letter_stream)
-        env.redis.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(database_url, "ledger") as url:
+        name = url.rsplit("/", 1)[1]
+        env = LedgerEnv(url, redis_url, f"test:{name}:usage", f"test:{name}:dead", log_dir=tmp_path)
+        try:
+            yield env
+        finally:
+            env.redis.delete(env.stream, env.dead_letter_stream)
+            env.redis.close()
 
 
 class ThreadWorker:

@@ -19,6 +19,7 @@ from openledger.local.processes import ManagedProcess, free_port, spawn, tail, w
 from openledger.local.product import PRODUCT_PROCESSES, ProductProcess
 from openledger.settlement.ledger.verify import verify
 from openledger.wire import UsageEvent
+from tests.databases import fresh_database
 
 from .conftest import LedgerEnv, expected_balances, make_event
 
@@ -157,11 +158,11 @@ def test_make_up_runs_the_worker_which_migrates_and_serves_metrics(
     ledger_env: LedgerEnv, platform_env: dict[str, str], database_url: str
 ) -> None:
     # A database nobody migrated: the worker must run `db upgrade` itself.
-    name = ledger_env.database_url.rsplit("/", 1)[1] + "_fresh"
-    admin = database_url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    fresh_url = database_url.rsplit("/", 1)[0] + "/" + name
+    with fresh_database(database_url, "fresh", migrate=False) as fresh_url:
+        _worker_migrates_and_serves_metrics(ledger_env, platform_env, fresh_url)
+
+
+def _worker_migrates_and_serves_metrics(ledger_env: LedgerEnv, platform_env: dict[str, str], fresh_url: str) -> None:
     ports: dict[str, int] = {}
     builder = next(b for b in PRODUCT_PROCESSES if b.__name__ == "_ledger_worker")
     spec: ProductProcess = builder(Endpoints(), lambda n: ports.setdefault(n, free_port()))
@@ -182,5 +183,3 @@ def test_make_up_runs_the_worker_which_migrates_and_serves_metrics(
         assert "openledger_ledger_last_verify_success" in text
     finally:
         process.stop()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -7,7 +7,6 @@ cross tests. Tests that change anvil's mining mode or base fee restore it.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,22 +19,13 @@ from openledger.settlement.chain.decisions import FeePolicy
 from openledger.settlement.chain.deploy import Deployment, deploy
 from openledger.settlement.chain.rpc import Chain, make_web3
 from openledger.settlement.chain.txmanager import TxManager
-from openledger.settlement.ledger import db as ledger_db
+from tests.databases import fresh_database
 
 
 @pytest.fixture
 def settle_db(database_url: str) -> Iterator[str]:
-    name = f"settle_{uuid.uuid4().hex[:12]}"
-    admin = database_url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = database_url.rsplit("/", 1)[0] + "/" + name
-    ledger_db.upgrade(url)
-    try:
+    with fresh_database(database_url, "settle") as url:
         yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
