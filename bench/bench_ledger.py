@@ -64,7 +64,7 @@ def make_events(n: int) -> list[dict[str, str]]:
             pool=f"team-{i % 3}/pool",
             fee_bps=500,
         )
-        out.append(e.to_fields())
+        out.append(e.to_entry())
     return out
 
 

@@ -176,9 +176,7 @@ def insert_events(url: str, n: int) -> None:
                     pool=POOL,
                     fee_bps=500,
                 )
-                kv: list[bytes] = []
-                for key, value in e.to_fields().items():
-                    kv += [key.encode(), value.encode()]
+                kv = [x.encode() for item in e.to_entry().items() for x in item]
                 records.append(parser.parse(f"{start}-{i}".encode(), kv))
             writer.write(assemble(records))
     finally:

@@ -625,7 +625,7 @@ class Gateway:
             "1" if event is not None else "0",
         ]
         if event is not None:
-            for k, v in event.to_fields().items():
+            for k, v in event.to_entry().items():
                 args.append(k)
                 args.append(v)
         skeys = [

@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     usage_dead_letter_stream: str = "openledger:usage:dead"
     usage_consumer_group: str = "ledger"
     ledger_batch_size: int = 5000  # entries per XREADGROUP / transaction (max)
+    ledger_writers: int = Field(default=2, ge=1)  # writer threads (PostgreSQL connections) per worker
     ledger_block_ms: int = 200  # XREADGROUP BLOCK
     ledger_claim_idle_ms: int = 30_000  # reclaim a dead consumer's entries after this idle time
     ledger_claim_interval_s: float = 1.0

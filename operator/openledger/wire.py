@@ -9,6 +9,8 @@ base units; on the wire it is a decimal string of that integer.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import NewType
 
@@ -20,6 +22,87 @@ USAGE_DEAD_LETTER_STREAM = "openledger:usage:dead"
 USAGE_CONSUMER_GROUP = "ledger"
 
 OUTCOMES = ("ok", "upstream_error", "timeout", "cancelled")
+
+# A usage event on the stream is one field, ``event``, holding the values of
+# ``USAGE_FIELDS`` in that order, tab-separated, each escaped as in PostgreSQL's
+# COPY text format (backslash, tab, newline, carriage return). One field instead
+# of twenty makes XADD, XREADGROUP and the reply parsing several times cheaper,
+# and the value is already the ledger's COPY line. The first
+# ``USAGE_SNAPSHOT_FIELDS`` values are the snapshot (who pays, the Model's price
+# and attribution, the outcome), identical across an Agent's requests to a Model,
+# so a consumer can check that prefix once and cache it; the per-request values
+# follow. Entries with the values as separate stream fields (the first wire
+# format, any order) are still read.
+USAGE_EVENT_FIELD = "event"
+USAGE_FIELDS: tuple[str, ...] = (
+    # the snapshot
+    "agent",
+    "payer",
+    "model",
+    "owner",
+    "token",
+    "decimals",
+    "per_request",
+    "per_input_token",
+    "per_output_token",
+    "contributors",
+    "pool",
+    "fee_bps",
+    "outcome",
+    # the request
+    "id",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "started_at_ms",
+    "finished_at_ms",
+    "extra",
+)
+USAGE_SNAPSHOT_FIELDS = USAGE_FIELDS.index("id")
+_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_UNESCAPE = re.compile(r"\\(.?)", re.DOTALL)
+_UNESCAPED = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def pack_usage_values(values: list[str]) -> str:
+    """The packed form of the ``USAGE_FIELDS`` values (see ``USAGE_EVENT_FIELD``)."""
+    packed = "\t".join(values)
+    if packed.count("\t") == len(values) - 1 and "\\" not in packed and "\n" not in packed and "\r" not in packed:
+        return packed  # nothing to escape: the common case
+    return "\t".join(v.translate(_ESCAPE) for v in values)
+
+
+def unpack_usage_values(packed: str) -> dict[str, str]:
+    """The named values of a packed usage event; raises ``ValueError`` naming what is wrong."""
+    values = packed.split("\t")
+    if len(values) != len(USAGE_FIELDS):
+        raise ValueError(
+            f"usage event: field {USAGE_EVENT_FIELD!r} has {len(values)} tab-separated values, "
+            f"expected {len(USAGE_FIELDS)} ({', '.join(USAGE_FIELDS)})"
+        )
+    return {name: _unescape(name, value) for name, value in zip(USAGE_FIELDS, values, strict=True)}
+
+
+def usage_values(fields: Mapping[str, str] | Mapping[bytes, bytes]) -> dict[str, str]:
+    """The named values of a usage stream entry in either wire format (not checked)."""
+    f = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+    return unpack_usage_values(f[USAGE_EVENT_FIELD]) if USAGE_EVENT_FIELD in f else f
+
+
+def _unescape(name: str, value: str) -> str:
+    if "\\" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        try:
+            return _UNESCAPED[match.group(1)]
+        except KeyError:
+            raise ValueError(f"usage event: field {name!r} has an invalid escape {match.group(0)!r}") from None
+
+    return _UNESCAPE.sub(replace, value)
 
 
 def object_ref(namespace: str, name: str) -> str:
@@ -118,10 +201,13 @@ class UsageEvent:
     fee_bps: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
+    def to_entry(self) -> dict[str, str]:
+        """The stream entry the gateway XADDs: one field, the packed event."""
+        return {USAGE_EVENT_FIELD: pack_usage_values(list(self.to_fields().values()))}
+
     def to_fields(self) -> dict[str, str]:
-        """Flat string fields for XADD."""
+        """The named string values, in ``USAGE_FIELDS`` order (the first wire format's fields)."""
         return {
-            "id": self.event_id,
             "agent": self.agent,
             "payer": self.payer,
             "model": self.model,
@@ -131,25 +217,23 @@ class UsageEvent:
             "per_request": str(self.price.per_request),
             "per_input_token": str(self.price.per_input_token),
             "per_output_token": str(self.price.per_output_token),
-            "input_tokens": str(self.input_tokens),
-            "output_tokens": str(self.output_tokens),
-            "cost": str(self.cost),
-            "outcome": self.outcome,
-            "started_at_ms": str(self.started_at_ms),
-            "finished_at_ms": str(self.finished_at_ms),
             "contributors": ",".join(f"{c.account}:{c.share_bps}:{c.role}" for c in self.contributors),
             "pool": self.pool,
             "fee_bps": str(self.fee_bps),
+            "outcome": self.outcome,
+            "id": self.event_id,
+            "input_tokens": str(self.input_tokens),
+            "output_tokens": str(self.output_tokens),
+            "cost": str(self.cost),
+            "started_at_ms": str(self.started_at_ms),
+            "finished_at_ms": str(self.finished_at_ms),
             "extra": json.dumps(self.extra, separators=(",", ":")) if self.extra else "",
         }
 
     @classmethod
     def from_fields(cls, fields: dict[str, str] | dict[bytes, bytes]) -> UsageEvent:
-        """Parse XREAD fields; raises ``ValueError`` naming the bad field."""
-        f = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in fields.items()
-        }
+        """Parse a stream entry (packed or one field per value); raises ``ValueError`` naming the bad field."""
+        f = usage_values(fields)
 
         def text(name: str) -> str:
             if name not in f:

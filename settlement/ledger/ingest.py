@@ -17,43 +17,28 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any, NamedTuple
 
 from openledger.settlement.ledger import split as sp
 from openledger.settlement.ledger.errors import PoisonEvent, invariant
-from openledger.wire import OUTCOMES, UsageEvent
-
-# The wire fields in UsageEvent.to_fields order; the COPY column order follows it.
-WIRE_FIELDS: tuple[str, ...] = (
-    "id",
-    "agent",
-    "payer",
-    "model",
-    "owner",
-    "token",
-    "decimals",
-    "per_request",
-    "per_input_token",
-    "per_output_token",
-    "input_tokens",
-    "output_tokens",
-    "cost",
-    "outcome",
-    "started_at_ms",
-    "finished_at_ms",
-    "contributors",
-    "pool",
-    "fee_bps",
-    "extra",
+from openledger.wire import (
+    OUTCOMES,
+    USAGE_EVENT_FIELD,
+    USAGE_FIELDS,
+    USAGE_SNAPSHOT_FIELDS,
+    UsageEvent,
+    unpack_usage_values,
 )
-_WIRE_KEYS = [f.encode() for f in WIRE_FIELDS]
+
+_WIRE_KEYS = [f.encode() for f in USAGE_FIELDS]
+_PACKED_KEY = USAGE_EVENT_FIELD.encode()
 _OPTIONAL_DEFAULTS = {b"contributors": b"", b"pool": b"", b"fee_bps": b"0", b"extra": b""}
-COPY_COLUMNS: tuple[str, ...] = ("event_id", *WIRE_FIELDS[1:], "stream_id", "entry_id")
-# Columns that define "the same event" (everything the producer sent).
-IDENTITY_COLUMNS: tuple[str, ...] = ("event_id", *WIRE_FIELDS[1:])
+# Columns that define "the same event" (everything the producer sent), in line order.
+IDENTITY_COLUMNS: tuple[str, ...] = tuple("event_id" if f == "id" else f for f in USAGE_FIELDS)
+COPY_COLUMNS: tuple[str, ...] = (*IDENTITY_COLUMNS, "stream_id", "entry_id")
 
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_HEX = b"0123456789abcdef"
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _POOL = re.compile(r"(?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?)?")
 _OUTCOMES = frozenset(o.encode() for o in OUTCOMES)
@@ -63,16 +48,10 @@ _BIGINT_MAX = 2**63 - 1
 _MONEY_DIGITS = 78
 _HOUR_MS = 3_600_000
 _SHAPE_CACHE_MAX = 100_000
-# The fast path checks, with one regular expression over them joined by "|": the id
-# (canonical lower-case UUID), then decimals, per_request, per_input_token,
-# per_output_token, input_tokens, output_tokens, cost, started_at_ms, finished_at_ms,
-# fee_bps as plain digits of bounded length (18 for BIGINT columns, so no overflow
-# check is needed), and an empty ``extra``. Anything else takes the precise path.
-_fast_checked = itemgetter(0, 6, 7, 8, 9, 10, 11, 12, 14, 15, 18, 19)
-_FAST = re.compile(
-    rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-    rb"\|\d{1,2}\|\d{1,78}\|\d{1,78}\|\d{1,78}\|\d{1,18}\|\d{1,18}\|\d{1,78}\|\d{1,18}\|\d{1,18}\|\d{1,5}\|"
-)
+_LAST = len(USAGE_FIELDS) - 1  # tabs in a line
+_REQUEST_VALUES = len(USAGE_FIELDS) - USAGE_SNAPSHOT_FIELDS
+_ID = USAGE_FIELDS.index("id")
+_FEE_BPS = USAGE_FIELDS.index("fee_bps")
 _new_record = tuple.__new__
 
 
@@ -97,13 +76,8 @@ class EventRecord(NamedTuple):
     body: bytes  # the identity columns, tab-separated, COPY-escaped
     shape: Shape
     cost: int
-    agent: bytes
+    agent: str  # one object per agent (interned by the parser), so hashing it is free
     hour: int  # finished_at_ms // 3600000
-
-    @property
-    def line(self) -> bytes:
-        """The COPY line without its trailing entry id."""
-        return self.body + b"\t" + self.stream_id + b"\t"
 
 
 @dataclass(frozen=True)
@@ -144,6 +118,17 @@ def _digits(value: bytes, name: str, max_digits: int) -> int:
     return int(value)
 
 
+def _unpack(packed: bytes) -> list[bytes]:
+    """The raw values of a packed entry that needs the precise path (escapes, wrong count)."""
+    try:
+        named = unpack_usage_values(packed.decode())
+    except UnicodeDecodeError:
+        raise PoisonEvent(f"usage event: field {USAGE_EVENT_FIELD!r} is not UTF-8") from None
+    except ValueError as exc:
+        raise PoisonEvent(str(exc)) from None
+    return [named[name].encode() for name in USAGE_FIELDS]
+
+
 def _bigint(value: bytes, name: str) -> int:
     number = _digits(value, name, 19)
     if number > _BIGINT_MAX:
@@ -152,56 +137,96 @@ def _bigint(value: bytes, name: str) -> int:
 
 
 class Parser:
-    """Parses raw stream entries; caches split shapes across batches (bounded)."""
+    """Parses raw stream entries; caches checked snapshots and split shapes (bounded)."""
 
     def __init__(self) -> None:
-        self._shapes: dict[tuple[bytes, bytes, bytes, bytes, bytes], Shape] = {}
-        # (payer, owner, pool, fee_bps, contributors, three prices) -> (shape, prices as ints)
-        self._cache: dict[tuple[bytes, ...], tuple[Shape, int, int, int]] = {}
+        self._shapes: dict[tuple[bytes, ...], Shape] = {}
+        self._agents: dict[str, str] = {}
+        # the snapshot prefix of a line -> (shape, agent, the three prices, whether the outcome is charged)
+        self._snapshots: dict[bytes, tuple[Shape, str, int, int, int, bool]] = {}
 
     def parse(self, stream_id: bytes, kv: list[bytes]) -> EventRecord:
         """One entry (its flat ``[k1, v1, k2, v2, …]`` list) → record; raises ``PoisonEvent``.
 
-        The fast path checks all ten integer fields with one regular expression
-        and caches price and split shapes; anything unusual takes the precise
-        path, which names the offending field.
+        The fast path takes a packed entry's value as the COPY line as it is,
+        splits off the seven per-request values in one call, checks them with
+        a few C-level byte operations, and looks the snapshot prefix (agent,
+        accounts, price, shares, outcome) up among the snapshots already
+        checked. Anything unusual takes the precise path, which names the
+        offending field.
         """
-        values = kv[1::2] if kv[0::2] == _WIRE_KEYS else self._reorder(kv)
-        outcome = values[13]
-        if _FAST.fullmatch(b"|".join(_fast_checked(values))) is None or outcome not in _OUTCOMES or not values[1]:
-            return self._parse_precisely(stream_id, values)
-        key = (values[2], values[4], values[17], values[18], values[16], values[7], values[8], values[9])
-        cached = self._cache.get(key)
-        if cached is None:
-            cached = self._cache_shape(key)
-        shape, per_request, per_input, per_output = cached
-        cost = int(values[12])
-        if cost != (
-            (per_request + int(values[10]) * per_input + int(values[11]) * per_output) if outcome == _OK else 0
+        if len(kv) == 2 and kv[0] == _PACKED_KEY:
+            body = kv[1]
+            if 92 in body or 10 in body or 13 in body or 0 in body:  # backslash, LF, CR, NUL
+                return self._parse_precisely(stream_id, _unpack(body))
+        else:  # the first wire format: one stream field per value
+            values = kv[1::2] if kv[0::2] == _WIRE_KEYS else self._reorder(kv)
+            body = b"\t".join(values)
+            if body.count(b"\t") != _LAST or 92 in body or 10 in body or 13 in body or 0 in body:
+                return self._parse_precisely(stream_id, values)
+        parts = body.rsplit(b"\t", _REQUEST_VALUES)
+        if len(parts) != _REQUEST_VALUES + 1:
+            return self._parse_precisely(stream_id, _unpack(body))
+        snapshot, eid, tin, tout, cost_b, started, finished, extra = parts
+        if not (
+            len(eid) == 36
+            and eid.translate(None, _HEX) == b"----"
+            and eid[8] == eid[13] == eid[18] == eid[23] == 45  # "-"
+            and not extra
+            and 0 < len(tin) < 19
+            and 0 < len(tout) < 19
+            and 0 < len(cost_b) <= _MONEY_DIGITS
+            and 0 < len(started) < 19
+            and 0 < len(finished) < 19
+            and (tin + tout + cost_b + started + finished).isdigit()
         ):
-            return self._parse_precisely(stream_id, values)
-        # Every other field is checked above or by the shape cache; these three are free text.
-        text = values[1] + values[3] + values[5]
-        if b"\t" in text or b"\\" in text or b"\n" in text or b"\r" in text or b"\x00" in text:
-            return self._parse_precisely(stream_id, values)
-        body = b"\t".join(values)
-        return _new_record(
-            EventRecord, (values[0], stream_id, body, shape, cost, values[1], int(values[15]) // _HOUR_MS)
-        )
+            return self._parse_precisely(stream_id, _unpack(body))
+        cached = self._snapshots.get(snapshot)
+        if cached is None:
+            cached = self._check_snapshot(snapshot)
+            if cached is None:  # not the snapshot's number of values
+                return self._parse_precisely(stream_id, _unpack(body))
+        shape, agent, per_request, per_input, per_output, charged = cached
+        cost = int(cost_b)
+        if cost != ((per_request + int(tin) * per_input + int(tout) * per_output) if charged else 0):
+            return self._parse_precisely(stream_id, _unpack(body))
+        return _new_record(EventRecord, (eid, stream_id, body, shape, cost, agent, int(finished) // _HOUR_MS))
 
-    def _cache_shape(self, key: tuple[bytes, ...]) -> tuple[Shape, int, int, int]:
-        payer, owner, pool, fee_bps, contributors = key[:5]
-        shape = self._shapes.get((payer, owner, pool, fee_bps, contributors))
-        if shape is None:
-            shape = self._shape(payer, owner, pool, fee_bps, contributors)
-        if len(self._cache) >= _SHAPE_CACHE_MAX:
-            self._cache.clear()
-        cached = self._cache[key] = (shape, int(key[5]), int(key[6]), int(key[7]))
+    def _check_snapshot(self, snapshot: bytes) -> tuple[Shape, str, int, int, int, bool] | None:
+        """Check a snapshot prefix once and cache it; ``None`` when it has the wrong number of values."""
+        values = snapshot.split(b"\t")
+        if len(values) != USAGE_SNAPSHOT_FIELDS:
+            return None
+        (agent, payer, _model, owner, _token, decimals, per_request, per_input, per_output, contributors, pool,
+         fee_bps, outcome) = values  # fmt: skip
+        if outcome not in _OUTCOMES:
+            got = outcome[:20].decode("utf-8", "replace")
+            raise PoisonEvent(f"usage event: field 'outcome' must be one of {OUTCOMES}, got {got!r}")
+        if _digits(decimals, "decimals", 3) > 255:
+            raise PoisonEvent("usage event: field 'decimals' is larger than 255")
+        prices = (
+            _digits(per_request, "per_request", _MONEY_DIGITS),
+            _digits(per_input, "per_input_token", _MONEY_DIGITS),
+            _digits(per_output, "per_output_token", _MONEY_DIGITS),
+        )
+        shape = self._shape(payer, owner, pool, fee_bps, contributors)
+        if len(self._snapshots) >= _SHAPE_CACHE_MAX:
+            self._snapshots.clear()
+        cached = self._snapshots[snapshot] = (shape, self._agent(agent), *prices, outcome == _OK)
         return cached
 
+    def _agent(self, agent: bytes) -> str:
+        if not agent:
+            raise PoisonEvent("usage event: field 'agent' is empty")
+        name = agent.decode()
+        if len(self._agents) >= _SHAPE_CACHE_MAX:
+            self._agents.clear()
+        return self._agents.setdefault(name, name)
+
     def _parse_precisely(self, stream_id: bytes, values: list[bytes]) -> EventRecord:
-        (eid, agent, payer, _model, owner, _token, decimals, per_req, per_in, per_out, tok_in, tok_out, cost_b, outcome,
-         started, finished, contributors, pool, fee_bps, extra) = values  # fmt: skip
+        """Every check, in field order, on unescaped values in ``USAGE_FIELDS`` order."""
+        (agent, payer, _model, owner, _token, decimals, per_req, per_in, per_out, contributors, pool, fee_bps,
+         outcome, eid, tok_in, tok_out, cost_b, started, finished, extra) = values  # fmt: skip
         eid = eid.lower()
         if not _UUID.fullmatch(eid):
             raise PoisonEvent(f"usage event: field 'id' is not a UUID: {eid[:40].decode('utf-8', 'replace')!r}")
@@ -223,21 +248,18 @@ class Parser:
             raise PoisonEvent(f"usage event: field 'cost' is {cost}, the price snapshot and tokens say {expected}")
         _bigint(started, "started_at_ms")
         hour = _bigint(finished, "finished_at_ms") // _HOUR_MS
-        if not agent:
-            raise PoisonEvent("usage event: field 'agent' is empty")
         if extra:
             try:
                 json.loads(extra)
             except ValueError:
                 raise PoisonEvent("usage event: field 'extra' is not JSON") from None
-        shape = self._shapes.get((payer, owner, pool, fee_bps, contributors))
-        if shape is None:
-            shape = self._shape(payer, owner, pool, fee_bps, contributors)
-        values[0] = eid
+        agent_name = self._agent(agent)
+        shape = self._shape(payer, owner, pool, fee_bps, contributors)
+        values[_ID] = eid
         body = b"\t".join(values)
-        if len(body.translate(None, _UNSAFE)) != len(body) - 19:
+        if len(body.translate(None, _UNSAFE)) != len(body) - _LAST:
             body = self._escaped(values)
-        return EventRecord(eid, stream_id, body, shape, cost, agent, hour)
+        return EventRecord(eid, stream_id, body, shape, cost, agent_name, hour)
 
     def _reorder(self, kv: list[bytes]) -> list[bytes]:
         fields = dict(zip(kv[0::2], kv[1::2], strict=False))
@@ -247,18 +269,22 @@ class Parser:
             if value is None:
                 raise PoisonEvent(f"usage event: missing field {key.decode()!r}")
             values.append(value)
-        if not values[18]:
-            values[18] = b"0"
+        if not values[_FEE_BPS]:
+            values[_FEE_BPS] = b"0"
         return values
 
     @staticmethod
     def _escaped(values: list[bytes]) -> bytes:
-        for name, value in zip(WIRE_FIELDS, values, strict=True):
+        for name, value in zip(USAGE_FIELDS, values, strict=True):
             if b"\x00" in value:
                 raise PoisonEvent(f"usage event: field {name!r} contains a NUL byte")
         return b"\t".join(copy_escape(v) for v in values)
 
     def _shape(self, payer_b: bytes, owner_b: bytes, pool_b: bytes, fee_b: bytes, contributors_b: bytes) -> Shape:
+        key = (payer_b, owner_b, pool_b, fee_b, contributors_b)
+        cached = self._shapes.get(key)
+        if cached is not None:
+            return cached
         payer, owner, pool = payer_b.decode(), owner_b.decode(), pool_b.decode()
         for name, address in (("payer", payer), ("owner", owner)):
             if not _ADDRESS.fullmatch(address):
@@ -287,7 +313,7 @@ class Parser:
         )
         if len(self._shapes) >= _SHAPE_CACHE_MAX:
             self._shapes.clear()
-        self._shapes[(payer_b, owner_b, pool_b, fee_b, contributors_b)] = shape
+        self._shapes[key] = shape
         return shape
 
 
@@ -297,6 +323,15 @@ def parse_event(fields: dict[str, str]) -> EventRecord:
     for key, value in fields.items():
         kv += [key.encode(), value.encode()]
     return Parser().parse(b"0-0", kv)
+
+
+def event_id_of(kv: list[bytes]) -> bytes:
+    """The event id of a raw stream entry in either wire format, unchecked (``b""`` when absent)."""
+    if len(kv) == 2 and kv[0] == _PACKED_KEY:
+        values = kv[1].split(b"\t")
+        return values[_ID] if len(values) == len(USAGE_FIELDS) else b""
+    fields = dict(zip(kv[0::2], kv[1::2], strict=False))
+    return fields.get(b"id", b"")
 
 
 def explain_rejection(kv: list[bytes], error: PoisonEvent) -> str:
@@ -326,6 +361,10 @@ class PoolEntry:
         return sum(a for a in self.postings.values() if a > 0)
 
 
+_TAB = b"\t"
+_NO_ENTRY = b"\t\\N\n"
+
+
 @dataclass
 class BatchPlan:
     """What one transaction writes, given the batch's first journal id."""
@@ -333,7 +372,7 @@ class BatchPlan:
     records: list[EventRecord]
     entries: list[PoolEntry]  # ordered by pool; only pools with a non-zero posting
     spend: dict[tuple[str, int], list[int]]  # (agent, hour) -> [amount, events]
-    pool_lines: dict[str, list[bytes]]  # COPY lines (without entry id) of the posted events, per pool
+    pool_lines: dict[str, list[bytes]]  # pool -> COPY lines of its posted events, without the entry id
     unposted_lines: list[bytes]  # cost-0 events: no entry
 
     @property
@@ -341,14 +380,16 @@ class BatchPlan:
         return len(self.entries)
 
     def copy_data(self, first_entry_id: int) -> bytes:
-        """The usage_events COPY text: each line ends with its entry id (``\\N`` when it cost 0)."""
+        """The usage_events COPY text: each line ends with its entry id (``\\N`` when it cost 0).
+
+        One ``join`` per pool, so the writer spends a memory copy on it, nothing per event."""
         chunks: list[bytes] = []
         invariant(len(self.pool_lines) == len(self.entries), "every pool with events has one entry")
         for entry in self.entries:
-            tail = b"%d\n" % (first_entry_id + entry.entry_offset)
-            chunks.append(tail.join(self.pool_lines[entry.pool]) + tail)
+            tail = b"\t%d\n" % (first_entry_id + entry.entry_offset)
+            chunks += (tail.join(self.pool_lines[entry.pool]), tail)
         if self.unposted_lines:
-            chunks.append(b"\\N\n".join(self.unposted_lines) + b"\\N\n")
+            chunks += (_NO_ENTRY.join(self.unposted_lines), _NO_ENTRY)
         return b"".join(chunks)
 
     def balance_deltas(self) -> dict[str, int]:
@@ -359,22 +400,31 @@ class BatchPlan:
         return {a: d for a, d in sorted(deltas.items()) if d}
 
 
+def _lines(bodies: list[bytes], stream_ids: list[bytes]) -> list[bytes]:
+    """``body TAB stream_id`` per event, without a Python loop."""
+    return list(map(_TAB.join, zip(bodies, stream_ids, strict=True)))
+
+
+# A BatchBuilder row, per shape: the sums of its events, then their COPY bodies and stream ids.
+_COST, _FEE, _OWNER, _EVENTS, _BODIES, _STREAM_IDS, _CONTRIBUTORS = range(7)
+
+
 class BatchBuilder:
     """Accumulates records as the reader parses them (one pass), then ``plan()``.
 
     Per split shape it sums the cost, the fee, the owner's and each
-    contributor's amounts of every event (each event split on its own), and
-    keeps the event's COPY line.
+    contributor's amounts of every event (each event split on its own) and
+    keeps the event's COPY body and stream id; per agent and hour, the spend.
     """
 
     __slots__ = ("_shapes", "_spend", "_unposted", "records")
 
     def __init__(self) -> None:
         self.records: list[EventRecord] = []
-        # shape -> [cost, fee, owner, events, lines, contributor 1, contributor 2, …]
+        # shape -> [cost, fee, owner, events, bodies, stream ids, contributor 1, contributor 2, …]
         self._shapes: dict[Shape, list[Any]] = {}
-        self._spend: dict[tuple[bytes, int], list[int]] = {}
-        self._unposted: list[bytes] = []
+        self._spend: dict[tuple[str, int], list[int]] = {}
+        self._unposted: tuple[list[bytes], list[bytes]] = ([], [])
 
     def add(self, record: EventRecord) -> None:
         self.records.append(record)
@@ -386,20 +436,23 @@ class BatchBuilder:
             s[0] += c
             s[1] += 1
         if not c:
-            self._unposted.append(body + b"\t" + sid + b"\t")
+            self._unposted[0].append(body)
+            self._unposted[1].append(sid)
             return
         t = self._shapes.get(shape)
         if t is None:
-            t = self._shapes[shape] = [0, 0, 0, 0, [], *([0] * len(shape.contributor_bps))]
+            t = self._shapes[shape] = [0, 0, 0, 0, [], [], *([0] * len(shape.contributor_bps))]
         fee = c * shape.fee_bps // 10_000
         rest = c - fee
+        # Literal indices (see _COST…): this runs once per event.
         t[0] += c
         t[1] += fee
         t[3] += 1
-        t[4].append(body + b"\t" + sid + b"\t")
+        t[4].append(body)
+        t[5].append(sid)
         owner = rest
         if shape.contributor_bps:
-            i = 5
+            i = 6
             for bps in shape.contributor_bps:
                 part = rest * bps // 10_000
                 t[i] += part
@@ -411,22 +464,24 @@ class BatchBuilder:
         """Per pool one entry, per account one posting; checks that every entry balances."""
         per_pool: dict[str, dict[str, int]] = {}
         counts: dict[str, int] = {}
-        pool_lines: dict[str, list[bytes]] = {}
+        pool_rows: dict[str, tuple[list[bytes], list[bytes]]] = {}
         for shape, t in self._shapes.items():
             postings = per_pool.setdefault(shape.pool, {})
-            lines = [(shape.payer_account, -t[0]), (shape.fee_account, t[1]), (shape.owner_account, t[2])]
-            lines += list(zip(shape.contributor_accounts, t[5:], strict=True))
+            lines = [(shape.payer_account, -t[_COST]), (shape.fee_account, t[_FEE]), (shape.owner_account, t[_OWNER])]
+            lines += list(zip(shape.contributor_accounts, t[_CONTRIBUTORS:], strict=True))
             for account, amount in lines:
                 postings[account] = postings.get(account, 0) + amount
-            counts[shape.pool] = counts.get(shape.pool, 0) + t[3]
-            pool_lines.setdefault(shape.pool, []).extend(t[4])
+            counts[shape.pool] = counts.get(shape.pool, 0) + t[_EVENTS]
+            bodies, stream_ids = pool_rows.setdefault(shape.pool, ([], []))
+            bodies.extend(t[_BODIES])
+            stream_ids.extend(t[_STREAM_IDS])
         entries = []
         for offset, pool in enumerate(sorted(per_pool)):
             postings = {a: v for a, v in sorted(per_pool[pool].items()) if v}
             invariant(sum(postings.values()) == 0, f"entry of pool {pool!r} sums to {sum(postings.values())}, not 0")
             entries.append(PoolEntry(pool, offset, counts[pool], postings))
-        spend = {(a.decode(), h): v for (a, h), v in self._spend.items()}
-        return BatchPlan(self.records, entries, spend, pool_lines, self._unposted)
+        pool_lines = {pool: _lines(*rows) for pool, rows in pool_rows.items()}
+        return BatchPlan(self.records, entries, self._spend, pool_lines, _lines(*self._unposted))
 
 
 def assemble(records: list[EventRecord]) -> BatchPlan:

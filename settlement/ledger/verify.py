@@ -28,6 +28,7 @@ import psycopg
 
 from openledger.settlement.ledger import metrics as m
 from openledger.settlement.ledger import split as sp
+from openledger.settlement.ledger.ingest import event_id_of
 from openledger.settlement.ledger.queries import _contributors
 
 Conn = psycopg.Connection[Any]
@@ -247,9 +248,8 @@ def _stream_snapshot(report: VerifyReport, redis_url: str, stream: str, group: s
                 continue
             if sid in pending or sid in dead_ids:
                 continue
-            fields = dict(zip(kv[0::2], kv[1::2], strict=False))
             try:
-                ids.append(str(uuid.UUID(fields.get(b"id", b"").decode())))
+                ids.append(str(uuid.UUID(event_id_of(kv).decode())))
             except ValueError:
                 bad += 1
                 if bad <= _MAX_DRIFTS_PER_CHECK:

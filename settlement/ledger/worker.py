@@ -28,11 +28,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import psycopg
 
 from openledger.settlement.ledger import metrics as m
+from openledger.settlement.ledger.db import libpq_url
 from openledger.settlement.ledger.errors import InvariantViolation, PoisonEvent
 from openledger.settlement.ledger.ingest import (
     BatchBuilder,
@@ -46,7 +48,8 @@ from openledger.settlement.ledger.ingest import (
 )
 from openledger.settlement.ledger.models import JOURNAL_ID_BLOCK
 from openledger.settlement.ledger.redisraw import RawRedis, RedisReplyError
-from openledger.settlement.ledger.writer import BatchWriter, WriteResult, record_fields
+from openledger.settlement.ledger.writer import BatchWriter, WriteResult
+from openledger.wire import USAGE_EVENT_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,9 @@ class WorkerConfig:
     dead_letter_stream: str
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
     batch_size: int = 5000
+    # Writer threads, each with its own PostgreSQL connection: while one commits, another
+    # copies the next batch, so the database never waits on one connection's round trips.
+    writers: int = 2
     block_ms: int = 200
     claim_idle_ms: int = 30_000
     claim_interval_s: float = 1.0
@@ -83,6 +89,7 @@ class WorkerConfig:
             group=s.usage_consumer_group,
             dead_letter_stream=s.usage_dead_letter_stream,
             batch_size=s.ledger_batch_size,
+            writers=s.ledger_writers,
             block_ms=s.ledger_block_ms,
             claim_idle_ms=s.ledger_claim_idle_ms,
             claim_interval_s=s.ledger_claim_interval_s,
@@ -109,6 +116,38 @@ def _stream_ms(stream_id: bytes) -> int:
     return int(stream_id.split(b"-", 1)[0])
 
 
+_first = itemgetter(0)
+_PACKED_KEY = USAGE_EVENT_FIELD.encode()
+
+
+@dataclass
+class _Output:
+    """One writer thread's connections: PostgreSQL for the batches, Redis for their XACKs."""
+
+    db: BatchWriter
+    redis: RawRedis
+
+
+def _deduplicated(records: list[EventRecord], kv_of: dict[bytes, Any]) -> tuple[BatchBuilder, int, list[Conflict]]:
+    """A batch's records with each event id once: repeats with the same body are duplicates
+    (acknowledged, not written); with another body, conflicts (quarantined)."""
+    builder = BatchBuilder()
+    seen: dict[bytes, bytes] = {}
+    duplicates = 0
+    conflicts: list[Conflict] = []
+    for record in records:
+        previous = seen.setdefault(record.event_id, record.body)
+        if previous is record.body:
+            builder.add(record)
+        elif previous == record.body:
+            duplicates += 1
+        else:
+            fields = decode_fields(kv_of[record.stream_id])
+            reason = "same event id twice in one batch"
+            conflicts.append(Conflict(record.event_id.decode(), record.stream_id.decode(), fields, reason))
+    return builder, duplicates, conflicts
+
+
 def _is_temporary(exc: BaseException) -> bool:
     return isinstance(
         exc,
@@ -130,12 +169,9 @@ class LedgerWorker:
         # XREADGROUP has its own connection so the next read is in flight while a batch is parsed.
         self.reader = RawRedis(config.redis_url, timeout_s=max(10.0, config.block_ms / 1000 + 5))
         self._read_in_flight = False
-        before_commit = None
-        if config.test_pause_s and config.test_pause_at == "before_commit":
-            before_commit = self._test_pause
-        self.writer = BatchWriter(config.database_url, before_commit=before_commit)
-        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
+        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=config.writers + 1)
         self._writer_error: BaseException | None = None
+        self._committed_lock = threading.Lock()
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
         self._next_verify = time.monotonic() + config.verify_interval_s
@@ -160,8 +196,12 @@ class LedgerWorker:
         self._stop = stop
         log.info("ledger worker starting", extra={"action": "start", "consumer": cfg.consumer, "stream": cfg.stream})
         self._retry(self.ensure_group, stop)
-        writer = threading.Thread(target=self._writer_loop, name="ledger-writer", daemon=True)
-        writer.start()
+        writers = [
+            threading.Thread(target=self._writer_loop, name=f"ledger-writer-{i}", daemon=True)
+            for i in range(cfg.writers)
+        ]
+        for writer in writers:
+            writer.start()
         try:
             while not stop.is_set() and self._writer_error is None:
                 try:
@@ -181,11 +221,12 @@ class LedgerWorker:
                 self._drain_prefetch()
         finally:
             self._stop_requested.set()
-            self._queue.put(None)
-            writer.join(cfg.stop_timeout_s + 5)
+            for _ in writers:
+                self._queue.put(None)
+            for writer in writers:
+                writer.join(cfg.stop_timeout_s + 5)
             self.redis.close()
             self.reader.close()
-            self.writer.close()
         if self._writer_error is not None:
             raise self._writer_error
         log.info("ledger worker stopped", extra={"action": "stop", "consumer": cfg.consumer})
@@ -242,33 +283,27 @@ class LedgerWorker:
     def _process(self, entries: list[list[Any]], deliveries: dict[bytes, int]) -> None:
         builder = BatchBuilder()
         add = builder.add
-        seen: dict[bytes, bytes] = {}
-        ack_ids: list[bytes] = []
-        conflicts: list[Conflict] = []
-        duplicates = 0
         parse = self.parser.parse
+        refused: list[bytes] = []
         for stream_id, kv in entries:
-            if kv is None:  # deleted from the stream while pending
-                ack_ids.append(stream_id)
+            if kv is None:  # deleted from the stream while pending: acknowledged, nothing to write
                 continue
             try:
-                record = parse(stream_id, kv)
+                add(parse(stream_id, kv))
             except PoisonEvent as exc:
                 self._poison(stream_id, kv, explain_rejection(kv, exc), deliveries.get(stream_id, 1))
-                continue
-            previous = seen.setdefault(record.event_id, record.body)
-            if previous is record.body:
-                add(record)
-            elif previous == record.body:
-                duplicates += 1
-            else:
-                fields = decode_fields(kv)
-                conflicts.append(
-                    Conflict(record.event_id.decode(), stream_id.decode(), fields, "same event id twice in one batch")
-                )
-            ack_ids.append(stream_id)
+                refused.append(stream_id)  # left pending (or already dead-lettered)
+        ack_ids = list(map(_first, entries))
+        if refused:
+            left = set(refused)
+            ack_ids = [i for i in ack_ids if i not in left]
         if not ack_ids:
             return
+        records = builder.records
+        duplicates = 0
+        conflicts: list[Conflict] = []
+        if len(set(map(_first, records))) != len(records):  # rare: one event id twice in the batch
+            builder, duplicates, conflicts = _deduplicated(records, dict(map(tuple, entries)))
         oldest = _stream_ms(entries[0][0])  # entries come in stream order
         self._put(Batch(builder.plan(), ack_ids, conflicts, duplicates, deliveries, oldest))
 
@@ -331,7 +366,9 @@ class LedgerWorker:
         cfg = self.config
         meta = [b"dead_stream", cfg.stream.encode(), b"dead_id", stream_id, b"dead_reason", reason.encode(),
                 b"dead_deliveries", b"%d" % deliveries, b"dead_consumer", cfg.consumer.encode()]  # fmt: skip
-        (client or self.redis).pipeline(
+        client = client or self.redis
+        self._read_ack_replies(client)
+        client.pipeline(
             [
                 ("MULTI",),
                 ("XADD", cfg.dead_letter_stream, "*", *meta, *kv),
@@ -365,7 +402,7 @@ class LedgerWorker:
         from openledger.settlement.ledger.verify import verify
 
         try:
-            with psycopg.connect(self.writer.url, connect_timeout=5) as conn:
+            with psycopg.connect(libpq_url(self.config.database_url), connect_timeout=5) as conn:
                 verify(conn, full=False)
         except psycopg.Error as exc:
             log.warning("periodic verify could not run", extra={"action": "verify", "error": str(exc)})
@@ -373,27 +410,35 @@ class LedgerWorker:
     # ---------------------------------------------------------------- writing
 
     def _writer_loop(self) -> None:
-        ack_client = RawRedis(self.config.redis_url)
+        before_commit = None
+        if self.config.test_pause_s and self.config.test_pause_at == "before_commit":
+            before_commit = self._test_pause
+        out = _Output(
+            BatchWriter(self.config.database_url, before_commit=before_commit), RawRedis(self.config.redis_url)
+        )
         try:
             while True:
                 batch = self._queue.get()
                 if batch is None:
                     return
-                self._write_and_ack(batch, ack_client)
+                self._write_and_ack(batch, out)
         except BaseException as exc:
             log.exception("ledger writer failed", extra={"action": "writer_failed"})
             self._writer_error = exc
         finally:
-            ack_client.close()
+            self._read_ack_replies(out.redis)
+            out.redis.close()
+            out.db.close()
 
-    def _write_and_ack(self, batch: Batch, ack_client: RawRedis) -> None:
+    def _write_and_ack(self, batch: Batch, out: _Output) -> None:
         started = time.monotonic()
-        result, ack_ids = self._write(batch, ack_client)
+        result, ack_ids = self._write(batch, out)
         m.BATCH_SECONDS.observe(time.monotonic() - started)
         if self.config.test_pause_s and self.config.test_pause_at == "after_commit":
             self._test_pause()
-        self._ack(ack_client, ack_ids)
-        self.committed_events += result.inserted
+        self._ack(out.redis, ack_ids)
+        with self._committed_lock:
+            self.committed_events += result.inserted
         m.BATCH_SIZE.observe(len(batch.plan.records))
         m.EVENTS.inc(result.inserted)
         m.POSTINGS.inc(result.postings)
@@ -401,38 +446,38 @@ class LedgerWorker:
         m.QUARANTINED.inc(result.conflicts)
         m.INGEST_LAG_SECONDS.set(max(0.0, time.time() - batch.oldest_ms / 1000))
 
-    def _write(self, batch: Batch, ack_client: RawRedis) -> tuple[WriteResult, list[bytes]]:
+    def _write(self, batch: Batch, out: _Output) -> tuple[WriteResult, list[bytes]]:
         """Write with retries; a record the database refuses is isolated by bisection and left pending."""
         try:
-            return self._write_retrying(batch.plan, batch.conflicts), batch.ack_ids
+            return self._write_retrying(out.db, batch.plan, batch.conflicts), batch.ack_ids
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, InvariantViolation) as exc:
             if isinstance(exc, InvariantViolation):
                 raise
             log.warning("batch refused by the database; isolating", extra={"action": "isolate", "error": str(exc)})
         total = WriteResult()
         refused: set[bytes] = set()
-        self._bisect(batch.plan.records, batch, total, refused, ack_client)
-        self._write_retrying(assemble([]), batch.conflicts)
+        self._bisect(batch.plan.records, batch, total, refused, out)
+        self._write_retrying(out.db, assemble([]), batch.conflicts)
         return total, [i for i in batch.ack_ids if i not in refused]
 
     def _bisect(
-        self, records: list[EventRecord], batch: Batch, total: WriteResult, refused: set[bytes], ack_client: RawRedis
+        self, records: list[EventRecord], batch: Batch, total: WriteResult, refused: set[bytes], out: _Output
     ) -> None:
         try:
-            result = self._write_retrying(assemble(records), [])
+            result = self._write_retrying(out.db, assemble(records), [])
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
             if len(records) == 1:
                 record = records[0]
                 refused.add(record.stream_id)
-                kv = [x for name, value in record_fields(record).items() for x in (name.encode(), value.encode())]
+                kv = [_PACKED_KEY, record.body]  # the body is the packed wire form
                 reason = f"database refused the event: {str(exc).splitlines()[0]}"
                 self._poison_from_writer(
-                    record.stream_id, kv, reason, batch.deliveries.get(record.stream_id, 1), ack_client
+                    record.stream_id, kv, reason, batch.deliveries.get(record.stream_id, 1), out.redis
                 )
                 return
             half = len(records) // 2
-            self._bisect(records[:half], batch, total, refused, ack_client)
-            self._bisect(records[half:], batch, total, refused, ack_client)
+            self._bisect(records[:half], batch, total, refused, out)
+            self._bisect(records[half:], batch, total, refused, out)
             return
         total.inserted += result.inserted
         total.duplicates += result.duplicates
@@ -449,13 +494,13 @@ class LedgerWorker:
                 extra={"action": "reject", "stream_id": stream_id.decode(), "reason": reason},
             )
 
-    def _write_retrying(self, plan: BatchPlan, conflicts: list[Conflict]) -> WriteResult:
+    def _write_retrying(self, db: BatchWriter, plan: BatchPlan, conflicts: list[Conflict]) -> WriteResult:
         if not plan.records and not conflicts:
             return WriteResult()
         if plan.entry_count > JOURNAL_ID_BLOCK:  # one id block per transaction: split the batch
             half = len(plan.records) // 2
-            first = self._write_retrying(assemble(plan.records[:half]), conflicts)
-            second = self._write_retrying(assemble(plan.records[half:]), [])
+            first = self._write_retrying(db, assemble(plan.records[:half]), conflicts)
+            second = self._write_retrying(db, assemble(plan.records[half:]), [])
             first.inserted += second.inserted
             first.duplicates += second.duplicates
             first.postings += second.postings
@@ -464,12 +509,12 @@ class LedgerWorker:
         deadline: float | None = None
         while True:
             try:
-                return self.writer.write(plan, conflicts)
+                return db.write(plan, conflicts)
             except Exception as exc:
                 if not _is_temporary(exc):
                     raise
                 if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
-                    self.writer.discard_connection()
+                    db.discard_connection()
                 m.WRITE_RETRIES.inc()
                 if self._stopping() and deadline is None:
                     deadline = time.monotonic() + self.config.stop_timeout_s
@@ -490,11 +535,15 @@ class LedgerWorker:
         return self._stop_requested.is_set() or (self._stop is not None and self._stop.is_set())
 
     def _ack(self, client: RawRedis, ids: list[bytes]) -> None:
+        """XACK after COMMIT, without waiting for the reply: it is read before the connection is
+        used again. Waiting would stall the next batch; an XACK that is lost only means its
+        entries are delivered again, and writing them again is a no-op."""
+        self._read_ack_replies(client)
         delay = 0.1
         for _ in range(50):
             try:
                 for start in range(0, len(ids), 10_000):
-                    client.execute("XACK", self.config.stream, self.config.group, *ids[start : start + 10_000])
+                    client.send("XACK", self.config.stream, self.config.group, *ids[start : start + 10_000])
                 return
             except (ConnectionError, OSError) as exc:
                 # Not acked yet: the entries stay pending and are written again later (a no-op).
@@ -502,6 +551,18 @@ class LedgerWorker:
                 time.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
         log.error("XACK kept failing; entries stay pending and will be redelivered", extra={"action": "ack_failed"})
+
+    @staticmethod
+    def _read_ack_replies(client: RawRedis) -> None:
+        while client.unread:
+            try:
+                client.receive()
+            except RedisReplyError as exc:
+                log.warning("XACK refused; its entries will be delivered again", extra={"action": "ack_refused",
+                            "error": str(exc)})  # fmt: skip
+            except (ConnectionError, OSError) as exc:  # the connection is closed: nothing left to read
+                log.warning("XACK reply lost; its entries may be delivered again", extra={"action": "ack_lost",
+                            "error": str(exc)})  # fmt: skip
 
     def _retry(self, fn: Any, stop: threading.Event) -> None:
         delay = 0.1

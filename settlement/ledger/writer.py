@@ -288,11 +288,11 @@ def _array(items: list[str]) -> str:
 
 def record_fields(record: EventRecord) -> dict[str, str]:
     """The wire fields of a record, from its COPY body (for the quarantine table)."""
-    from openledger.settlement.ledger.ingest import WIRE_FIELDS
+    from openledger.wire import USAGE_FIELDS
 
     values = record.body.split(b"\t")
     out = {}
-    for name, value in zip(WIRE_FIELDS, values, strict=True):
+    for name, value in zip(USAGE_FIELDS, values, strict=True):
         text = value.decode("utf-8", "replace")
         if "\\" in text:
             text = text.replace("\\t", "\t").replace("\\n", "\n").replace("\\r", "\r").replace("\\\\", "\\")

@@ -1,6 +1,17 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from openledger.wire import Contributor, ModelRoute, Price, UsageEvent
+from openledger.wire import (
+    USAGE_EVENT_FIELD,
+    USAGE_FIELDS,
+    Contributor,
+    ModelRoute,
+    Price,
+    UsageEvent,
+    pack_usage_values,
+    unpack_usage_values,
+)
 
 PRICE = Price(token="OPEN", decimals=18, per_request=5, per_input_token=2, per_output_token=3)
 
@@ -35,6 +46,29 @@ def test_usage_event_round_trips_through_stream_fields() -> None:
     event = make_event()
     encoded = {k.encode(): v.encode() for k, v in event.to_fields().items()}
     assert UsageEvent.from_fields(encoded) == event
+
+
+def test_the_stream_entry_is_one_packed_field_that_round_trips() -> None:
+    event = make_event(extra={"note": "tab\there, newline\n, back\\slash"})
+    entry = event.to_entry()
+    assert list(entry) == [USAGE_EVENT_FIELD]
+    assert entry[USAGE_EVENT_FIELD].count("\t") == len(USAGE_FIELDS) - 1
+    assert "\n" not in entry[USAGE_EVENT_FIELD]
+    assert UsageEvent.from_fields(entry) == event
+    assert tuple(event.to_fields()) == USAGE_FIELDS
+
+
+@given(st.lists(st.text(), min_size=len(USAGE_FIELDS), max_size=len(USAGE_FIELDS)))
+def test_packing_round_trips_any_text(values: list[str]) -> None:
+    packed = pack_usage_values(values)
+    assert "\n" not in packed and "\r" not in packed
+    assert list(unpack_usage_values(packed).values()) == values
+
+
+def test_a_packed_event_with_a_value_too_few_is_named() -> None:
+    packed = make_event().to_entry()[USAGE_EVENT_FIELD]
+    with pytest.raises(ValueError, match="'event' has 19 tab-separated values, expected 20"):
+        UsageEvent.from_fields({USAGE_EVENT_FIELD: packed.rsplit("\t", 1)[0]})
 
 
 def test_failed_request_costs_nothing() -> None:

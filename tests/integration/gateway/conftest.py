@@ -26,7 +26,15 @@ from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, choos
 from openledger.local.processes import ManagedProcess, free_port, spawn, stop_pid, wait_ready
 from openledger.local.standin import serve_argv
 from openledger.money import to_base_units
-from openledger.wire import USAGE_STREAM, ModelRoute, PoolBinding, Price, model_pool_key, model_route_key
+from openledger.wire import (
+    USAGE_STREAM,
+    ModelRoute,
+    PoolBinding,
+    Price,
+    model_pool_key,
+    model_route_key,
+    usage_values,
+)
 from tests.waiting import wait_for  # noqa: F401 - re-exported to the tests
 
 OWNER = "0x" + "ab" * 20
@@ -211,7 +219,7 @@ def route_model(
 def usage_events(r: redis.Redis, stream: str, agent: str | None = None) -> list[dict[str, str]]:
     events = []
     for _, fields in r.xrange(stream, "-", "+"):
-        decoded = {k.decode(): v.decode() for k, v in fields.items()}
+        decoded = usage_values(fields)
         if agent is None or decoded["agent"] == agent:
             events.append(decoded)
     return events

@@ -86,7 +86,7 @@ class LedgerEnv:
         for start in range(0, len(events), chunk):
             pipe = self.redis.pipeline(transaction=False)
             for e in events[start : start + chunk]:
-                pipe.xadd(self.stream, e.to_fields() if isinstance(e, UsageEvent) else e)  # type: ignore[arg-type]
+                pipe.xadd(self.stream, e.to_entry() if isinstance(e, UsageEvent) else e)  # type: ignore[arg-type]
             pipe.execute()
 
     def config(self, **overrides: object) -> WorkerConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import subprocess
 import sys
@@ -94,17 +95,20 @@ def test_same_id_with_different_fields_is_quarantined_and_never_overwrites(
 ) -> None:
     events = [make_event(i) for i in range(100)]
     before = metric("openledger_ledger_quarantined_total")
+    duplicates_before = metric("openledger_ledger_duplicates_total")
     ledger_env.produce(events)
     worker = run_until_ingested(ledger_env, thread_worker, len(events))
     tampered = events[7].to_fields() | {"agent": "team-z/thief", "payer": "0x" + "f" * 40}
     ledger_env.produce([tampered, tampered])  # the second copy is not quarantined twice
     same_batch = make_event(1000)
     ledger_env.produce([same_batch.to_fields(), same_batch.to_fields() | {"model": "team-a/other"}])
+    ledger_env.produce([events[3].to_fields()])  # the first wire format of a stored event: a duplicate
     ledger_env.wait_for(lambda: metric("openledger_ledger_quarantined_total") - before >= 3, 20, "conflicts counted")
     ledger_env.wait_for(lambda: ledger_env.pending() == 0, 10, "all acknowledged")
     del worker
 
     assert metric("openledger_ledger_quarantined_total") - before == 3
+    assert metric("openledger_ledger_duplicates_total") - duplicates_before == 1
     with psycopg.connect(ledger_env.database_url) as conn:
         rows = conn.execute(
             "SELECT event_id::text, fields->>'agent', fields->>'model' FROM usage_quarantine ORDER BY id"
@@ -124,7 +128,7 @@ def test_a_poison_message_is_dead_lettered_after_n_deliveries(
 ) -> None:
     before = metric("openledger_ledger_dead_lettered_total")
     good = [make_event(i) for i in range(20)]
-    poison = good[0].to_fields() | {"id": make_event(99).event_id, "cost": "12345"}
+    poison = dataclasses.replace(good[0], event_id=make_event(99).event_id, cost=12345).to_entry()
     ledger_env.produce([*good[:10], poison, *good[10:]])
     thread_worker(max_deliveries=3, claim_idle_ms=300)
     ledger_env.wait_for(lambda: ledger_env.redis.xlen(ledger_env.dead_letter_stream) == 1, 30, "the dead letter")
@@ -134,7 +138,7 @@ def test_a_poison_message_is_dead_lettered_after_n_deliveries(
     assert fields[b"dead_stream"] == ledger_env.stream.encode()
     assert int(fields[b"dead_deliveries"]) == 3
     assert b"'cost'" in fields[b"dead_reason"]
-    assert fields[b"id"] == poison["id"].encode()  # the original fields travel with it
+    assert fields[b"event"] == poison["event"].encode()  # the original entry travels with it
     assert ledger_env.count() == 20
     assert metric("openledger_ledger_dead_lettered_total") - before == 1
     assert full_verify(ledger_env) == []
