@@ -1,10 +1,15 @@
 """The ledger ingest worker: usage stream → PostgreSQL, exactly once.
 
-Two threads per process. The reader (the caller's thread) reads entries with
-``XREADGROUP`` on raw hiredis replies, parses and checks them, drops in-batch
-duplicates and hands a ``Batch`` to the writer through a bounded queue (2
-batches). The writer thread writes each batch in one transaction
-(``writer.BatchWriter``) and ``XACK``s its entries only after ``COMMIT``.
+One reader and ``writers`` writer threads per process. The reader (the
+caller's thread) reads entries with ``XREADGROUP`` on raw hiredis replies,
+parses and checks them, drops in-batch duplicates and hands a ``Batch`` to the
+writers through a bounded queue. Each writer thread has its own PostgreSQL
+connection, writes a batch in one transaction (``writer.BatchWriter``) and
+``XACK``s its entries only after ``COMMIT`` (the XACK's reply is read before
+that connection's next command, so the next batch does not wait for it). With
+two writers one batch is copied while the other commits: PostgreSQL never idles
+on one connection's round trips. Batches commit in any order; each is
+independent.
 
 May run more than once, and in many processes at once: every step is safe to
 repeat. A crash before COMMIT leaves the entries pending; another consumer

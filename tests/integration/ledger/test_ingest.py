@@ -37,12 +37,13 @@ def full_verify(env: LedgerEnv) -> list[str]:
     return [str(d) for d in report.drifts]
 
 
+@pytest.mark.parametrize("writers", [1, 3])
 def test_events_become_balanced_entries_with_exact_balances(
-    ledger_env: LedgerEnv, thread_worker: Callable[..., ThreadWorker]
+    ledger_env: LedgerEnv, thread_worker: Callable[..., ThreadWorker], writers: int
 ) -> None:
     events = [make_event(i) for i in range(3000)]
     ledger_env.produce(events)
-    run_until_ingested(ledger_env, thread_worker, len(events), batch_size=700)
+    run_until_ingested(ledger_env, thread_worker, len(events), batch_size=700, writers=writers)
 
     assert ledger_env.balances() == expected_balances(events)
     assert full_verify(ledger_env) == []
@@ -255,3 +256,23 @@ def test_a_deleted_stream_and_group_are_recreated(
     ledger_env.produce(second)
     ledger_env.wait_for(lambda: ledger_env.count() == 50, 30, "events after the group was recreated")
     assert ledger_env.balances() == expected_balances(first + second)
+
+
+def test_raw_client_reads_deferred_replies_in_order(ledger_env: LedgerEnv) -> None:
+    from openledger.settlement.ledger.redisraw import RawRedis, RedisReplyError
+
+    client = RawRedis(ledger_env.redis_url)
+    try:
+        client.send("ECHO", b"first")
+        client.send("NOSUCHCOMMAND")
+        client.send("ECHO", b"third")
+        assert client.unread == 3
+        with pytest.raises(RuntimeError, match="unread replies"):
+            client.execute("PING")  # a reply would be mistaken for another command's
+        assert client.receive() == b"first"
+        with pytest.raises(RedisReplyError, match="unknown command"):
+            client.receive()
+        assert client.receive() == b"third"
+        assert client.unread == 0 and client.execute("PING") == b"PONG"
+    finally:
+        client.close()
