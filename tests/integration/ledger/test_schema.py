@@ -9,7 +9,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from openledger.settlement.ledger import db
-from openledger.settlement.ledger.models import IMMUTABLE_TABLES, Base
+from openledger.settlement.ledger.models import CACHE_FILLFACTOR, IMMUTABLE_TABLES, Base
 
 from .conftest import LedgerEnv
 
@@ -28,6 +28,14 @@ def test_migrations_produce_exactly_the_models_schema(ledger_env: LedgerEnv) -> 
         )
         diff = compare_metadata(context, Base.metadata)
     assert diff == []
+
+
+def test_the_cache_tables_leave_room_for_hot_updates(ledger_env: LedgerEnv) -> None:
+    with psycopg.connect(ledger_env.database_url) as conn:
+        rows = conn.execute(
+            "SELECT relname, reloptions FROM pg_class WHERE relname IN ('account_balances', 'agent_spend_hourly')"
+        ).fetchall()
+    assert sorted(rows) == [(t, [f"fillfactor={CACHE_FILLFACTOR}"]) for t in ("account_balances", "agent_spend_hourly")]
 
 
 def test_upgrade_runs_again_as_a_no_op(ledger_env: LedgerEnv) -> None:
