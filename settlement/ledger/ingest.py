@@ -55,7 +55,7 @@ _FEE_BPS = USAGE_FIELDS.index("fee_bps")
 _new_record = tuple.__new__
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Shape:
     """Everything about an event's split except its cost; cached, identity-hashed."""
 
@@ -178,7 +178,7 @@ class Parser:
             and 0 < len(cost_b) <= _MONEY_DIGITS
             and 0 < len(started) < 19
             and 0 < len(finished) < 19
-            and (tin + tout + cost_b + started + finished).isdigit()
+            and b"".join(parts[2:7]).isdigit()
         ):
             return self._parse_precisely(stream_id, _unpack(body))
         cached = self._snapshots.get(snapshot)
