@@ -129,6 +129,25 @@ def _unpack(packed: bytes) -> list[bytes]:
     return [named[name].encode() for name in USAGE_FIELDS]
 
 
+def _check_outcome(outcome: bytes) -> None:
+    if outcome not in _OUTCOMES:
+        got = outcome[:20].decode("utf-8", "replace")
+        raise PoisonEvent(f"usage event: field 'outcome' must be one of {OUTCOMES}, got {got!r}")
+
+
+def _check_decimals(decimals: bytes) -> None:
+    if _digits(decimals, "decimals", 3) > 255:
+        raise PoisonEvent("usage event: field 'decimals' is larger than 255")
+
+
+def _prices(per_request: bytes, per_input: bytes, per_output: bytes) -> tuple[int, int, int]:
+    return (
+        _digits(per_request, "per_request", _MONEY_DIGITS),
+        _digits(per_input, "per_input_token", _MONEY_DIGITS),
+        _digits(per_output, "per_output_token", _MONEY_DIGITS),
+    )
+
+
 def _bigint(value: bytes, name: str) -> int:
     number = _digits(value, name, 19)
     if number > _BIGINT_MAX:
@@ -199,16 +218,9 @@ class Parser:
             return None
         (agent, payer, _model, owner, _token, decimals, per_request, per_input, per_output, contributors, pool,
          fee_bps, outcome) = values  # fmt: skip
-        if outcome not in _OUTCOMES:
-            got = outcome[:20].decode("utf-8", "replace")
-            raise PoisonEvent(f"usage event: field 'outcome' must be one of {OUTCOMES}, got {got!r}")
-        if _digits(decimals, "decimals", 3) > 255:
-            raise PoisonEvent("usage event: field 'decimals' is larger than 255")
-        prices = (
-            _digits(per_request, "per_request", _MONEY_DIGITS),
-            _digits(per_input, "per_input_token", _MONEY_DIGITS),
-            _digits(per_output, "per_output_token", _MONEY_DIGITS),
-        )
+        _check_outcome(outcome)
+        _check_decimals(decimals)
+        prices = _prices(per_request, per_input, per_output)
         shape = self._shape(payer, owner, pool, fee_bps, contributors)
         if len(self._snapshots) >= _SHAPE_CACHE_MAX:
             self._snapshots.clear()
@@ -230,20 +242,13 @@ class Parser:
         eid = eid.lower()
         if not _UUID.fullmatch(eid):
             raise PoisonEvent(f"usage event: field 'id' is not a UUID: {eid[:40].decode('utf-8', 'replace')!r}")
-        if outcome not in _OUTCOMES:
-            got = outcome[:20].decode("utf-8", "replace")
-            raise PoisonEvent(f"usage event: field 'outcome' must be one of {OUTCOMES}, got {got!r}")
-        if int(_digits(decimals, "decimals", 3)) > 255:
-            raise PoisonEvent("usage event: field 'decimals' is larger than 255")
+        _check_outcome(outcome)
+        _check_decimals(decimals)
         n_in = _bigint(tok_in, "input_tokens")
         n_out = _bigint(tok_out, "output_tokens")
         cost = _digits(cost_b, "cost", _MONEY_DIGITS)
-        price_cost = (
-            _digits(per_req, "per_request", _MONEY_DIGITS)
-            + n_in * _digits(per_in, "per_input_token", _MONEY_DIGITS)
-            + n_out * _digits(per_out, "per_output_token", _MONEY_DIGITS)
-        )
-        expected = price_cost if outcome == _OK else 0
+        per_request, per_input, per_output = _prices(per_req, per_in, per_out)
+        expected = (per_request + n_in * per_input + n_out * per_output) if outcome == _OK else 0
         if cost != expected:
             raise PoisonEvent(f"usage event: field 'cost' is {cost}, the price snapshot and tokens say {expected}")
         _bigint(started, "started_at_ms")
