@@ -31,7 +31,7 @@ import redis
 
 from openledger.gateway.ids import uuid7
 from openledger.local.processes import spawn, tail
-from openledger.settlement.ledger.ingest import COPY_COLUMNS, Parser, assemble
+from openledger.settlement.ledger.ingest import COPY_COLUMNS, Parser, assemble, entry_kv
 from openledger.wire import Contributor, Price, UsageEvent
 from tests.databases import fresh_database
 
@@ -181,10 +181,7 @@ def raw_copy_rate(database_url: str, events: list[dict[str, str]]) -> tuple[floa
     for start in range(0, len(events), BATCH):
         records = []
         for i, fields in enumerate(events[start : start + BATCH]):
-            kv: list[bytes] = []
-            for k, v in fields.items():
-                kv += [k.encode(), v.encode()]
-            records.append(parser.parse(b"%d-0" % (start + i), kv))
+            records.append(parser.parse(b"%d-0" % (start + i), entry_kv(fields)))
         chunks.append(assemble(records).copy_data(1 + start // BATCH * 1024))
     parse_rate = len(events) / (time.perf_counter() - t0)  # includes the bytes encoding above
     with fresh_database(database_url, "bench_copy") as url, psycopg.connect(url) as conn:

@@ -36,7 +36,7 @@ from openledger.settlement import epochs as ep
 from openledger.settlement.chain.deploy import deploy
 from openledger.settlement.chain.distributor import Distributor, claim_calldata, publish_calldata
 from openledger.settlement.chain.rpc import Chain, make_web3
-from openledger.settlement.ledger.ingest import Parser, assemble
+from openledger.settlement.ledger.ingest import Parser, assemble, entry_kv
 from openledger.settlement.ledger.writer import BatchWriter
 from openledger.settlement.merkle import build_tree, leaf_preimage, proof_at
 from openledger.wire import Contributor, Price, UsageEvent
@@ -176,8 +176,7 @@ def insert_events(url: str, n: int) -> None:
                     pool=POOL,
                     fee_bps=500,
                 )
-                kv = [x.encode() for item in e.to_entry().items() for x in item]
-                records.append(parser.parse(f"{start}-{i}".encode(), kv))
+                records.append(parser.parse(f"{start}-{i}".encode(), entry_kv(e.to_entry())))
             writer.write(assemble(records))
     finally:
         writer.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ from openledger.wire import (
 )
 
 _WIRE_KEYS = [f.encode() for f in USAGE_FIELDS]
-_PACKED_KEY = USAGE_EVENT_FIELD.encode()
+PACKED_FIELD = USAGE_EVENT_FIELD.encode()
 _OPTIONAL_DEFAULTS = {b"contributors": b"", b"pool": b"", b"fee_bps": b"0", b"extra": b""}
 # Columns that define "the same event" (everything the producer sent), in line order.
 IDENTITY_COLUMNS: tuple[str, ...] = tuple("event_id" if f == "id" else f for f in USAGE_FIELDS)
@@ -98,8 +99,14 @@ def fields_digest(fields: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def decode_fields(kv: list[bytes]) -> dict[str, str]:
-    return {kv[i].decode("utf-8", "replace"): kv[i + 1].decode("utf-8", "replace") for i in range(0, len(kv) - 1, 2)}
+def entry_kv(fields: Mapping[str, str]) -> list[bytes]:
+    """A stream entry given as a ``dict`` → the flat ``[k1, v1, …]`` list Redis replies with."""
+    return [x.encode() for item in fields.items() for x in item]
+
+
+def record_fields(record: EventRecord) -> dict[str, str]:
+    """The named values of a checked record, from its COPY body (which is the packed wire form)."""
+    return unpack_usage_values(record.body.decode("utf-8", "replace"))
 
 
 def copy_escape(value: bytes) -> bytes:
@@ -174,7 +181,7 @@ class Parser:
         checked. Anything unusual takes the precise path, which names the
         offending field.
         """
-        if len(kv) == 2 and kv[0] == _PACKED_KEY:
+        if len(kv) == 2 and kv[0] == PACKED_FIELD:
             body = kv[1]
             if 92 in body or 10 in body or 13 in body or 0 in body:  # backslash, LF, CR, NUL
                 return self._parse_precisely(stream_id, _unpack(body))
@@ -324,15 +331,12 @@ class Parser:
 
 def parse_event(fields: dict[str, str]) -> EventRecord:
     """Convenience for tests and tools: one entry given as a ``dict``."""
-    kv: list[bytes] = []
-    for key, value in fields.items():
-        kv += [key.encode(), value.encode()]
-    return Parser().parse(b"0-0", kv)
+    return Parser().parse(b"0-0", entry_kv(fields))
 
 
 def event_id_of(kv: list[bytes]) -> bytes:
     """The event id of a raw stream entry in either wire format, unchecked (``b""`` when absent)."""
-    if len(kv) == 2 and kv[0] == _PACKED_KEY:
+    if len(kv) == 2 and kv[0] == PACKED_FIELD:
         values = kv[1].split(b"\t")
         return values[_ID] if len(values) == len(USAGE_FIELDS) else b""
     fields = dict(zip(kv[0::2], kv[1::2], strict=False))

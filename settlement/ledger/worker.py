@@ -42,19 +42,19 @@ from openledger.settlement.ledger import metrics as m
 from openledger.settlement.ledger.db import libpq_url
 from openledger.settlement.ledger.errors import InvariantViolation, PoisonEvent
 from openledger.settlement.ledger.ingest import (
+    PACKED_FIELD,
     BatchBuilder,
     BatchPlan,
     Conflict,
     EventRecord,
     Parser,
     assemble,
-    decode_fields,
     explain_rejection,
+    record_fields,
 )
 from openledger.settlement.ledger.models import JOURNAL_ID_BLOCK
 from openledger.settlement.ledger.redisraw import RawRedis, RedisReplyError
 from openledger.settlement.ledger.writer import BatchWriter, WriteResult
-from openledger.wire import USAGE_EVENT_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,6 @@ def _stream_ms(stream_id: bytes) -> int:
 
 
 _first = itemgetter(0)
-_PACKED_KEY = USAGE_EVENT_FIELD.encode()
 
 
 @dataclass
@@ -133,7 +132,7 @@ class _Output:
     redis: RawRedis
 
 
-def _deduplicated(records: list[EventRecord], kv_of: dict[bytes, Any]) -> tuple[BatchBuilder, int, list[Conflict]]:
+def _deduplicated(records: list[EventRecord]) -> tuple[BatchBuilder, int, list[Conflict]]:
     """A batch's records with each event id once: repeats with the same body are duplicates
     (acknowledged, not written); with another body, conflicts (quarantined)."""
     builder = BatchBuilder()
@@ -147,9 +146,10 @@ def _deduplicated(records: list[EventRecord], kv_of: dict[bytes, Any]) -> tuple[
         elif previous == record.body:
             duplicates += 1
         else:
-            fields = decode_fields(kv_of[record.stream_id])
             reason = "same event id twice in one batch"
-            conflicts.append(Conflict(record.event_id.decode(), record.stream_id.decode(), fields, reason))
+            conflicts.append(
+                Conflict(record.event_id.decode(), record.stream_id.decode(), record_fields(record), reason)
+            )
     return builder, duplicates, conflicts
 
 
@@ -173,14 +173,11 @@ class LedgerWorker:
         self.redis = RawRedis(config.redis_url, timeout_s=max(10.0, config.block_ms / 1000 + 5))
         # XREADGROUP has its own connection so the next read is in flight while a batch is parsed.
         self.reader = RawRedis(config.redis_url, timeout_s=max(10.0, config.block_ms / 1000 + 5))
-        self._read_in_flight = False
         self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=config.writers + 1)
         self._writer_error: BaseException | None = None
-        self._committed_lock = threading.Lock()
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
         self._next_verify = time.monotonic() + config.verify_interval_s
-        self.committed_events = 0
         self._stop_requested = threading.Event()
         self._stop: threading.Event | None = None
 
@@ -219,7 +216,6 @@ class LedgerWorker:
                         raise
                     # The stream or the group was deleted (e.g. Redis lost its data): recreate, go on.
                     log.warning("consumer group missing; recreating", extra={"action": "recreate_group"})
-                    self._read_in_flight = False
                     self.reader.close()
                     self._retry(self.ensure_group, stop)
             if self._writer_error is None:
@@ -258,23 +254,16 @@ class LedgerWorker:
         cfg = self.config
         command = ("XREADGROUP", "GROUP", cfg.group, cfg.consumer, "COUNT", cfg.batch_size, "BLOCK", cfg.block_ms,
                    "STREAMS", cfg.stream, ">")  # fmt: skip
-        try:
-            if not self._read_in_flight:
-                self.reader.send(*command)
-                self._read_in_flight = True
-            reply = self.reader.receive()
-            self._read_in_flight = False
-            if reply and prefetch:
-                self.reader.send(*command)
-                self._read_in_flight = True
-            return reply
-        except (OSError, ConnectionError):
-            self._read_in_flight = False
-            raise
+        if not self.reader.unread:
+            self.reader.send(*command)
+        reply = self.reader.receive()
+        if reply and prefetch:
+            self.reader.send(*command)
+        return reply
 
     def _drain_prefetch(self) -> None:
         """On stop: process what the read in flight brings (it is already pending for this consumer)."""
-        if not self._read_in_flight:
+        if not self.reader.unread:
             return
         try:
             reply = self._read(prefetch=False)
@@ -308,7 +297,7 @@ class LedgerWorker:
         duplicates = 0
         conflicts: list[Conflict] = []
         if len(set(map(_first, records))) != len(records):  # rare: one event id twice in the batch
-            builder, duplicates, conflicts = _deduplicated(records, dict(map(tuple, entries)))
+            builder, duplicates, conflicts = _deduplicated(records)
         oldest = _stream_ms(entries[0][0])  # entries come in stream order
         self._put(Batch(builder.plan(), ack_ids, conflicts, duplicates, deliveries, oldest))
 
@@ -442,8 +431,6 @@ class LedgerWorker:
         if self.config.test_pause_s and self.config.test_pause_at == "after_commit":
             self._test_pause()
         self._ack(out.redis, ack_ids)
-        with self._committed_lock:
-            self.committed_events += result.inserted
         m.BATCH_SIZE.observe(len(batch.plan.records))
         m.EVENTS.inc(result.inserted)
         m.POSTINGS.inc(result.postings)
@@ -474,7 +461,7 @@ class LedgerWorker:
             if len(records) == 1:
                 record = records[0]
                 refused.add(record.stream_id)
-                kv = [_PACKED_KEY, record.body]  # the body is the packed wire form
+                kv = [PACKED_FIELD, record.body]  # the body is the packed wire form
                 reason = f"database refused the event: {str(exc).splitlines()[0]}"
                 self._poison_from_writer(
                     record.stream_id, kv, reason, batch.deliveries.get(record.stream_id, 1), out.redis

@@ -34,8 +34,8 @@ from openledger.settlement.ledger.ingest import (
     IDENTITY_COLUMNS,
     BatchPlan,
     Conflict,
-    EventRecord,
     assemble,
+    record_fields,
 )
 from openledger.settlement.ledger.models import JOURNAL_ID_BLOCK
 
@@ -284,17 +284,3 @@ def _array(items: list[str]) -> str:
     """A PostgreSQL array literal, passed as one text parameter (psycopg's list dumper costs
     microseconds per element). Every element is double-quoted and escaped."""
     return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
-
-
-def record_fields(record: EventRecord) -> dict[str, str]:
-    """The wire fields of a record, from its COPY body (for the quarantine table)."""
-    from openledger.wire import USAGE_FIELDS
-
-    values = record.body.split(b"\t")
-    out = {}
-    for name, value in zip(USAGE_FIELDS, values, strict=True):
-        text = value.decode("utf-8", "replace")
-        if "\\" in text:
-            text = text.replace("\\t", "\t").replace("\\n", "\n").replace("\\r", "\r").replace("\\\\", "\\")
-        out[name] = text
-    return out

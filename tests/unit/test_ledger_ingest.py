@@ -16,18 +16,11 @@ from openledger.wire import USAGE_FIELDS, Contributor, Price, UsageEvent, pack_u
 ADDR = st.integers(min_value=1, max_value=2**160 - 1).map(lambda n: f"0x{n:040x}")
 
 
-def kv_of(fields: dict[str, str]) -> list[bytes]:
-    out: list[bytes] = []
-    for k, v in fields.items():
-        out += [k.encode(), v.encode()]
-    return out
-
-
 def entry_of(fields: dict[str, str], wire: str) -> list[bytes]:
     """The stream entry of ``fields`` in a wire format: ``packed`` (what the gateway writes) or the
     first one, ``fields``. A field missing from ``fields`` is left out of the packed value too."""
     if wire == "fields":
-        return kv_of(fields)
+        return ingest.entry_kv(fields)
     return [b"event", pack_usage_values([fields[name] for name in USAGE_FIELDS if name in fields]).encode()]
 
 
@@ -171,6 +164,11 @@ def test_poison_events_are_rejected_naming_the_field(change: dict[str, str | Non
             fields[key] = value
     with pytest.raises(PoisonEvent, match=field):
         ingest.Parser().parse(b"1-0", entry_of(fields, wire))
+
+
+def test_record_fields_are_the_values_the_producer_sent(wire: str) -> None:
+    fields = _ok_fields() | {"model": "ns/m\\x\ty", "extra": '{"note":"a\\\\tb"}'}
+    assert ingest.record_fields(ingest.Parser().parse(b"1-0", entry_of(fields, wire))) == fields
 
 
 def test_the_fast_and_the_precise_path_store_the_same_row(wire: str) -> None:

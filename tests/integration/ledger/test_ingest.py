@@ -104,6 +104,9 @@ def test_same_id_with_different_fields_is_quarantined_and_never_overwrites(
     def conflicts() -> float:
         return metric("openledger_ledger_quarantined_total") - before
 
+    def duplicates() -> float:
+        return metric("openledger_ledger_duplicates_total") - duplicates_before
+
     # One copy at a time: two copies read in one batch would make the second an in-batch duplicate.
     ledger_env.produce([tampered])
     ledger_env.wait_for(lambda: conflicts() >= 1, 20, "the first conflict counted")
@@ -116,7 +119,6 @@ def test_same_id_with_different_fields_is_quarantined_and_never_overwrites(
     ledger_env.produce([same_batch.to_fields(), same_batch.to_fields() | {"model": "team-a/other"}])
     ledger_env.produce([events[3].to_fields()])  # the first wire format of a stored event: a duplicate
     ledger_env.wait_for(lambda: conflicts() >= 3, 20, "conflicts counted")
-    duplicates = lambda: metric("openledger_ledger_duplicates_total") - duplicates_before  # noqa: E731
     ledger_env.wait_for(lambda: duplicates() >= 1 and ledger_env.pending() == 0, 10, "all acknowledged")
     del worker
 
@@ -136,6 +138,25 @@ def test_same_id_with_different_fields_is_quarantined_and_never_overwrites(
         assert stored == (events[7].agent,)
     assert ledger_env.balances() == expected_balances([*events, same_batch])
     assert full_verify(ledger_env) == []
+
+
+def quarantined_rows(env: LedgerEnv) -> list[tuple[object, ...]]:
+    with psycopg.connect(env.database_url) as conn:
+        return conn.execute("SELECT fields->>'id', fields->>'agent', fields->>'model' FROM usage_quarantine").fetchall()
+
+
+def test_a_quarantined_packed_event_keeps_its_named_fields(
+    ledger_env: LedgerEnv, thread_worker: Callable[..., ThreadWorker]
+) -> None:
+    event = make_event(2000)
+    ledger_env.produce([event, dataclasses.replace(event, model="team-a/other")])  # one batch or two
+    thread_worker()
+    ledger_env.wait_for(lambda: len(quarantined_rows(ledger_env)) == 1, 20, "the conflict quarantined")
+    with psycopg.connect(ledger_env.database_url) as conn:
+        kept = conn.execute("SELECT model FROM usage_events WHERE event_id = %s", (event.event_id,)).fetchone()
+    assert kept is not None
+    other = "team-a/other" if kept[0] == event.model else event.model
+    assert quarantined_rows(ledger_env) == [(event.event_id, event.agent, other)]
 
 
 def test_a_poison_message_is_dead_lettered_after_n_deliveries(
