@@ -114,8 +114,14 @@ def test_status_mirrors_kserve_and_the_route_reaches_redis(
         assert cond["lastTransitionTime"]
 
     client = redis.Redis.from_url(redis_url)
-    raw = wait_for(lambda: client.get(model_route_key(namespace, "mistral")), what="the route in Redis")
-    route = ModelRoute.from_json(raw)
+
+    # The route exists from the start (url "" until ready): wait for the ready one, not just any.
+    def ready_route() -> ModelRoute | None:
+        raw = client.get(model_route_key(namespace, "mistral"))
+        route = ModelRoute.from_json(raw) if raw else None
+        return route if route is not None and route.url else None
+
+    route = wait_for(ready_route, what="the ready route in Redis")
     assert route.model == f"{namespace}/mistral"
     assert route.url == "http://mistral.example.com"
     assert route.price.per_input_token == 10**12 and route.price.per_output_token == 2 * 10**12
