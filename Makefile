@@ -9,7 +9,7 @@ VENV ?= $(CACHE)/venv-$(DEPS_KEY)
 PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: up down status test unit lint bench crds system-deps venv install clean
+.PHONY: up down status test unit lint bench soak crds system-deps venv install clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -57,6 +57,14 @@ test: install
 
 bench: install
 	@$(VENV)/bin/pytest -q -m bench -s bench
+
+# The seeded fault soak: make soak SEED=7 DURATION=600 RATE=20 (a failing seed replays its faults).
+SEED ?= $(shell date +%s)
+DURATION ?= 600
+RATE ?= 20
+soak: install
+	@$(PY) -m openledger.local.toolchain >/dev/null
+	@$(PY) -m tests.soak.harness --seed $(SEED) --duration-s $(DURATION) --rate $(RATE)
 
 clean: down
 	@rm -rf .local

@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 import redis
 
-from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, choose_quantum, hash_api_key
+from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, hash_api_key, period_id
 from openledger.local.processes import ManagedProcess, free_port, spawn, wait_ready
 from openledger.local.standin import serve_argv
 from openledger.wire import ModelRoute, Price, model_route_key
@@ -228,6 +228,46 @@ def _pin(pid: int, cpu: int) -> None:
         os.sched_setaffinity(pid, {cpu})
 
 
+def _spawn_gateway(tmp: Path, redis_url: str, port: int, stream: str, **settings: str) -> ManagedProcess:
+    """A gateway pinned to CPU 0; ``settings`` are OPENLEDGER_GATEWAY_* values."""
+    env = {"REDIS_URL": redis_url, "OPENLEDGER_USAGE_STREAM": stream, "OPENLEDGER_LOG_LEVEL": "WARNING"}
+    env.update({f"OPENLEDGER_GATEWAY_{k.upper()}": v for k, v in settings.items()})
+    argv = [sys.executable, "-m", "openledger.cli", "gateway", "--port", str(port), "--metrics-port", "0", "--cpu", "0"]
+    return spawn("gateway", argv, tmp / f"gateway-{port}.log", detached=False, env=env)
+
+
+def _provision(r: redis.Redis, upstreams: dict[str, int]) -> str:
+    """An Agent with a Hard budget (reserved and settled on every request) and routes; returns its key."""
+    key = "olk_" + secrets.token_urlsafe(24)
+    ns = f"bench-{secrets.token_hex(3)}"
+    amount = 10**9 * 10**18  # large enough for the run
+    config = AgentConfig(
+        ref=f"{ns}/bench",
+        account="0x" + "ab" * 20,
+        models=tuple(upstreams),
+        requests_per_second=10**6,
+        burst=10**6,
+        tokens_per_minute=10**9,
+        max_concurrency=10_000,
+        budget_base_units=amount,
+        budget_enforcement="Hard",
+        queue_max_depth=1000,
+        queue_max_wait_ms=5000,
+        key_hash=hash_api_key(key),
+        version=1,
+    )
+    r.hset(AgentKeys(config.ref).config, mapping=config.to_fields())  # type: ignore[arg-type]
+    spend = {"period": period_id(config.budget_period, time.time()), "spent": "0"}
+    r.hset(AgentKeys(config.ref).spend, mapping=spend)  # as the operator does once spend is known
+    r.set(apikey_key(config.key_hash), config.ref)
+    for name, port in upstreams.items():
+        route = ModelRoute(
+            model=f"{ns}/{name}", url=f"http://127.0.0.1:{port}", protocol="v1", price=PRICE, owner="0x" + "cd" * 20
+        )
+        r.set(model_route_key(ns, name), route.to_json())
+    return key
+
+
 @pytest.fixture(scope="module")
 def stack(redis_url: str, local_platform: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     redis_pid = local_platform.processes["redis"].pid
@@ -254,25 +294,7 @@ def stack(redis_url: str, local_platform: Any, tmp_path_factory: pytest.TempPath
     )
     procs.append(kserve)
     stream = f"openledger:usage:bench:{secrets.token_hex(3)}"
-    env = {"REDIS_URL": redis_url, "OPENLEDGER_USAGE_STREAM": stream, "OPENLEDGER_LOG_LEVEL": "WARNING"}
-    gateway = spawn(
-        "gateway",
-        [
-            sys.executable,
-            "-m",
-            "openledger.cli",
-            "gateway",
-            "--port",
-            str(gw_port),
-            "--metrics-port",
-            "0",
-            "--cpu",
-            "0",
-        ],
-        tmp / "gateway.log",
-        detached=False,
-        env=env,
-    )
+    gateway = _spawn_gateway(tmp, redis_url, gw_port, stream)
     procs.append(gateway)
     try:
         wait_ready(fast, lambda: _tcp(fast_port), 30)
@@ -283,32 +305,7 @@ def stack(redis_url: str, local_platform: Any, tmp_path_factory: pytest.TempPath
         for pid in (fast.pid, kserve.pid, gateway.pid, redis_pid):
             _boost(pid)
         r = redis.Redis.from_url(redis_url)
-        key = "olk_" + secrets.token_urlsafe(24)
-        ns = f"bench-{secrets.token_hex(3)}"
-        amount = 10**9 * 10**18  # a Hard budget large enough for the run: reserved and settled on every request
-        config = AgentConfig(
-            ref=f"{ns}/bench",
-            account="0x" + "ab" * 20,
-            models=("fast", "iris"),
-            requests_per_second=10**6,
-            burst=10**6,
-            tokens_per_minute=10**9,
-            max_concurrency=10_000,
-            budget_base_units=amount,
-            budget_quantum=choose_quantum(amount),
-            budget_enforcement="Hard",
-            queue_max_depth=1000,
-            queue_max_wait_ms=5000,
-            key_hash=hash_api_key(key),
-            version=1,
-        )
-        r.hset(AgentKeys(config.ref).config, mapping=config.to_fields())  # type: ignore[arg-type]
-        r.set(apikey_key(config.key_hash), config.ref)
-        for name, port in (("fast", fast_port), ("iris", kserve_port)):
-            route = ModelRoute(
-                model=f"{ns}/{name}", url=f"http://127.0.0.1:{port}", protocol="v1", price=PRICE, owner="0x" + "cd" * 20
-            )
-            r.set(model_route_key(ns, name), route.to_json())
+        key = _provision(r, {"fast": fast_port, "iris": kserve_port})
         yield {
             "tmp": tmp,
             "key": key,
@@ -437,3 +434,134 @@ def test_gateway_overhead_and_throughput(stack: dict[str, Any]) -> None:
         for r in rows
     )
     assert served >= total  # every completed request through the gateway wrote its usage event
+
+
+# ------------------------------------------------------ durability policies
+
+DURABILITY_RESULTS = Path(__file__).parent / "results" / "gateway-durability.json"
+_REDIS_ARGS = {
+    "none": ["--appendonly", "no"],
+    "aof": ["--appendonly", "yes", "--appendfsync", "always"],
+    "waitaof": ["--appendonly", "yes", "--appendfsync", "always"],
+    "wait": ["--appendonly", "no"],
+}
+
+
+def _redis_version() -> tuple[int, ...]:
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"v=(\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _redis_server(tmp: Path, name: str, *args: str) -> tuple[ManagedProcess, int]:
+    port = free_port()
+    data = tmp / name
+    data.mkdir()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(data), *args]
+    process = spawn(name, argv, tmp / f"{name}.log", detached=False)
+    wait_ready(process, lambda: bool(redis.Redis(port=port).ping()), 20)
+    return process, port
+
+
+@pytest.fixture(scope="module")
+def durability_stacks(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Per policy: its own Redis (with a replica for ``wait``) and its own gateway; one fast upstream."""
+    tmp = tmp_path_factory.mktemp("bench-durability")
+    wanted = os.environ.get("GATEWAY_BENCH_DURABILITY", "none,aof,wait,waitaof").split(",")
+    policies = [p for p in wanted if p != "waitaof" or _redis_version() >= (7, 2)]
+    procs: list[ManagedProcess] = []
+    here = str(Path(__file__).parent)
+    fast_port = free_port()
+    serve = f"import sys; sys.path.insert(0, {here!r}); import bench_gateway as b; b.serve_fast_upstream({fast_port})"
+    procs.append(spawn("fast-upstream", [sys.executable, "-c", serve], tmp / "fast.log", detached=False))
+    stacks: dict[str, Any] = {}
+    try:
+        wait_ready(procs[0], lambda: _tcp(fast_port), 30)
+        _pin(procs[0].pid, 1)
+        for policy in policies:
+            server, port = _redis_server(tmp, f"redis-{policy}", *_REDIS_ARGS[policy])
+            procs.append(server)
+            if policy == "wait":
+                replica, replica_port = _redis_server(tmp, "redis-replica", "--replicaof", "127.0.0.1", str(port))
+                procs.append(replica)
+                _boost(replica.pid)
+                link = redis.Redis(port=replica_port)
+                wait_ready(replica, lambda link=link: link.info("replication")["master_link_status"] == "up", 20)
+            gw_port = free_port()
+            url = f"redis://127.0.0.1:{port}/0"
+            gateway = _spawn_gateway(tmp, url, gw_port, "openledger:usage:bench", durability=policy)
+            procs.append(gateway)
+            wait_ready(gateway, lambda p=gw_port: _http_ok(f"http://127.0.0.1:{p}/healthz"), 60)
+            for pid in (gateway.pid, server.pid):
+                _boost(pid)
+            r = redis.Redis(port=port)
+            key = _provision(r, {"fast": fast_port})
+            stacks[policy] = {"gw": f"http://127.0.0.1:{gw_port}", "key": key, "pid": gateway.pid, "redis": r}
+        yield {"tmp": tmp, "stacks": stacks, "skipped": sorted(set(wanted) - set(policies))}
+    finally:
+        for p in reversed(procs):
+            p.stop(10)
+
+
+def test_durability_policies_cost(durability_stacks: dict[str, Any]) -> None:
+    """Each policy's latency and CPU against ``none`` (the baseline), runs alternating in the same session."""
+    tmp, stacks = durability_stacks["tmp"], durability_stacks["stacks"]
+    path = "/v1/models/fast:predict"
+    for stack in stacks.values():  # warm connections, caches and scripts
+        for _ in range(20):
+            req = urllib.request.Request(
+                stack["gw"] + path,
+                data=BODY.encode(),
+                headers={"Authorization": f"Bearer {stack['key']}", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                assert resp.status == 200
+    rows: dict[str, dict[str, list[Any]]] = {p: {"c1": [], "c4": [], "max": [], "per_cpu": []} for p in stacks}
+    for _ in range(RUNS):
+        for policy, stack in stacks.items():
+            url = stack["gw"] + path
+            rows[policy]["c1"].append(load(url, 1, stack["key"], tmp))
+            rows[policy]["c4"].append(load(url, 4, stack["key"], tmp))
+            cpu0 = _cpu_s(stack["pid"])
+            row = load(url, THROUGHPUT_CONNECTIONS, stack["key"], tmp)
+            cpu = _cpu_s(stack["pid"]) - cpu0
+            rows[policy]["max"].append(row)
+            rows[policy]["per_cpu"].append(row["requests"] / cpu if cpu > 0 else 0.0)
+    for runs in rows.values():
+        assert all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for k in ("c1", "c4", "max") for r in runs[k])
+    summary = {
+        policy: {
+            "c1_p50_ms": round(_median(runs["c1"], "p50_ms"), 3),
+            "c1_p99_ms": round(_median(runs["c1"], "p99_ms"), 3),
+            "c4_p50_ms": round(_median(runs["c4"], "p50_ms"), 3),
+            "c4_p99_ms": round(_median(runs["c4"], "p99_ms"), 3),
+            "c4_rps": round(_median(runs["c4"], "rps")),
+            "max_rps": round(_median(runs["max"], "rps")),
+            "requests_per_gateway_cpu_s": round(statistics.median(runs["per_cpu"])),
+        }
+        for policy, runs in rows.items()
+    }
+    base = summary.get("none")
+    if base is not None:
+        for row in summary.values():
+            row["added_c1_p50_ms_vs_none"] = round(row["c1_p50_ms"] - base["c1_p50_ms"], 3)
+            row["added_c4_p99_ms_vs_none"] = round(row["c4_p99_ms"] - base["c4_p99_ms"], 3)
+            row["max_rps_x_none"] = round(row["max_rps"] / base["max_rps"], 3)
+    report = {
+        "benchmark": "gateway durability policies (gateway_durability): fast upstream, Hard budget, one gateway "
+        "per policy pinned to CPU 0, each on its own Redis (wait: plus one replica); medians of runs alternating "
+        "between policies",
+        "runs": RUNS,
+        "seconds_per_run": DURATION_S,
+        "redis": ".".join(map(str, _redis_version())),
+        "skipped": {p: "needs Redis 7.2+ (WAITAOF)" for p in durability_stacks["skipped"]},
+        "aof_dir_filesystem": subprocess.run(
+            ["stat", "-f", "-c", "%T", str(tmp)], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "results": summary,
+        "all_runs": rows,
+    }
+    DURABILITY_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    DURABILITY_RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "all_runs"}, indent=2))

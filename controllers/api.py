@@ -14,6 +14,7 @@ the controllers convert it to ``int`` base units with ``to_base_units``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -477,29 +478,70 @@ def agent_status_schema() -> Schema:
 # --------------------------------------------------------------- RewardPool
 
 REWARDPOOL_PHASES = ["Pending", "Ready", "Settling", "Paused", "Degraded", "Failed"]
-REWARDPOOL_CONDITIONS = ["Ready", "ChainReachable", "Settled"]
+REWARDPOOL_CONDITIONS = ["Ready", "ChainReachable", "Settled", "ModelsBound"]
+
+
+_MIGRATE = (
+    "the pool's settlement state (epochs, payouts, claims) belongs to one contract, and another one would pay"
+    " its cumulative history again; to settle elsewhere create a new RewardPool with another name"
+)
+
+
+def _immutable(schema: Schema, field: str) -> Schema:
+    """``schema`` that the API server refuses to change after creation (CEL ``self == oldSelf``)."""
+    out = dict(schema)
+    out["description"] = schema["description"] + " Immutable: " + _MIGRATE + "."
+    out["x-kubernetes-validations"] = [_rule("self == oldSelf", f"{field} is immutable: {_MIGRATE}")]
+    return out
 
 
 def rewardpool_spec_schema() -> Schema:
     return _object(
         "Desired state of a RewardPool: which Models' revenue it settles, how often, and on which chain.",
         {
-            "modelSelector": _label_selector("Models (same namespace) whose revenue this pool settles."),
-            "protocolFeeBps": _integer(
-                "Protocol fee taken from each request's cost, in basis points.", minimum=0, maximum=10000, default=0
+            "modelSelector": _label_selector(
+                "Models (same namespace) whose revenue this pool settles. A Model belongs to at most one pool:"
+                " one that an older pool already selects is refused (condition ModelsBound, Event ModelRefused)."
             ),
-            "epochSeconds": _integer(
-                "Length of a settlement epoch in seconds.", minimum=1, maximum=2592000, default=3600
+            "protocolFeeBps": _integer(
+                "Protocol fee taken first from each request's cost, in basis points; the Model's contributors"
+                " share the rest by their shareBps and the owner gets what remains.",
+                minimum=0,
+                maximum=10000,
+                default=0,
+            ),
+            "epochSeconds": _immutable(
+                _integer(
+                    "Length of a settlement epoch in seconds (epoch numbers are unix time / epochSeconds,"
+                    " and the contract needs them to increase).",
+                    minimum=1,
+                    maximum=2592000,
+                    default=3600,
+                ),
+                "epochSeconds",
             ),
             "minPayout": _money("Accounts owed less than this are carried to a later epoch.", default="0"),
             "chain": _object(
                 "The EVM chain the pool settles on.",
                 {
-                    "chainId": _integer("EIP-155 chain id.", minimum=1, format="int64"),
+                    "chainId": _immutable(_integer("EIP-155 chain id.", minimum=1, format="int64"), "chain.chainId"),
                     "rpcUrlSecretRef": _secret_key_ref("Secret key holding the JSON-RPC URL."),
                     "signerKeySecretRef": _secret_key_ref("Secret key holding the settlement signer's private key."),
-                    "tokenAddress": _address("ERC-20 token paid out."),
-                    "distributorAddress": _address("The cumulative Merkle distributor contract."),
+                    "tokenAddress": _immutable(_address("ERC-20 token paid out."), "chain.tokenAddress"),
+                    "tokenDecimals": _immutable(
+                        _integer(
+                            "Decimals of the token (base units per whole token = 10^decimals). A Model whose"
+                            " pricing.decimals differs is not bound to the pool (condition ModelsBound).",
+                            minimum=0,
+                            maximum=36,
+                            default=18,
+                        ),
+                        "chain.tokenDecimals",
+                    ),
+                    "distributorAddress": _immutable(
+                        _address("The cumulative Merkle distributor contract; it serves this pool only."),
+                        "chain.distributorAddress",
+                    ),
                     "confirmations": _integer(
                         "Blocks on top of a settlement before it counts as final.", minimum=0, maximum=1000, default=2
                     ),
@@ -525,7 +567,11 @@ def rewardpool_status_schema() -> Schema:
             "nextEpochAt": _string("When the current epoch closes.", format="date-time"),
             "pendingAmount": _money("Accrued and not yet settled."),
             "settledTotal": _money("Settled since the pool was created."),
-            "models": _integer("Models the selector matches.", minimum=0, format="int32"),
+            "models": _integer(
+                "Models bound to this pool (selected and not refused; see condition ModelsBound).",
+                minimum=0,
+                format="int32",
+            ),
             "observedGeneration": _observed_generation(),
             "conditions": conditions_schema(REWARDPOOL_CONDITIONS),
         },
@@ -689,6 +735,32 @@ def crd(kind: Kind) -> dict[str, Any]:
 def crd_documents() -> dict[str, dict[str, Any]]:
     """File name (under ``crds/``) → CRD document, for every kind."""
     return {f"{GROUP}_{k.plural}.yaml": crd(k) for k in KINDS}
+
+
+def apply_defaults(schema: Schema, value: Any) -> Any:
+    """``value`` with the schema's ``default``s filled in, as the API server's structural defaulting does.
+
+    The builders read specs through this, so each default is written once (in the
+    schema above) and a spec that did not pass the API server (a unit test, a
+    dry run) is read exactly as the server would have stored it.
+    """
+    if isinstance(value, Mapping) and schema.get("type") == "object":
+        out = dict(value)
+        for name, prop in (schema.get("properties") or {}).items():
+            if name not in out and "default" in prop:
+                out[name] = copy.deepcopy(prop["default"])
+            if name in out:
+                out[name] = apply_defaults(prop, out[name])
+        return out
+    if isinstance(value, (list, tuple)) and schema.get("type") == "array" and isinstance(schema.get("items"), dict):
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def defaulted_spec(kind: str, spec: Any) -> dict[str, Any]:
+    """A ``kind``'s spec with its CRD defaults applied (a missing or non-object spec counts as empty)."""
+    result: dict[str, Any] = apply_defaults(KINDS_BY_NAME[kind].spec, spec if isinstance(spec, Mapping) else {})
+    return result
 
 
 def render_yaml(document: dict[str, Any]) -> str:

@@ -472,6 +472,16 @@ async def redis_was_reset(redis: Any | None) -> bool:
         return False
 
 
+async def _restore_pool_bindings(memo: kopf.Memo) -> None:
+    from openledger.controllers.rewardpool import restore_bindings
+
+    try:
+        await restore_bindings(memo)
+    except Exception as exc:  # noqa: BLE001 - Kubernetes or Redis down: the pools' timers restore them later
+        ERRORS.labels(KIND, "PoolBindings").inc()
+        log.warning("pool bindings not restored", extra={"action": "restore", "error": str(exc)[:200]})
+
+
 @kopf.on.startup()
 async def _model_startup(memo: kopf.Memo, **_: Any) -> None:
     rec = _reconciler(memo)
@@ -481,7 +491,11 @@ async def _model_startup(memo: kopf.Memo, **_: Any) -> None:
         last_full = loop.time()
         while True:
             await asyncio.sleep(rec.settings.operator_redis_check_s)
-            if await redis_was_reset(rec.redis) or loop.time() - last_full >= rec.settings.operator_resync_s:
+            reset = await redis_was_reset(rec.redis)
+            if reset:
+                # Pool bindings first, then routes: a Model is never routable without its pool.
+                await _restore_pool_bindings(memo)
+            if reset or loop.time() - last_full >= rec.settings.operator_resync_s:
                 await rec.resync()
                 last_full = loop.time()
 

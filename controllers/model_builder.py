@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from openledger.controllers.api import API_VERSION
+from openledger.controllers.api import API_VERSION, defaulted_spec
 from openledger.controllers.conditions import (
     FALSE,
     TRUE,
@@ -71,8 +71,8 @@ _PREDICTOR_TOGGLES = ("canaryTrafficPercent", "maxReplicas", "scaleTarget")
 
 
 def _spec(model: Mapping[str, Any]) -> Mapping[str, Any]:
-    spec = model.get("spec")
-    return spec if isinstance(spec, Mapping) else {}
+    """The Model's spec with the CRD's defaults applied (they are written once, in ``api``)."""
+    return defaulted_spec("Model", model.get("spec"))
 
 
 def owner_reference(model: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,10 +92,10 @@ def desired_inference_service(model: Mapping[str, Any]) -> dict[str, Any]:
     meta = model["metadata"]
     spec = _spec(model)
     fmt = spec.get("format") or {}
-    resources = spec.get("resources") or {}
-    scaling = spec.get("scaling") or {}
+    resources = spec["resources"]
+    scaling = spec["scaling"]
     canary = spec.get("canary")
-    mode = spec.get("deploymentMode", "Standard")
+    mode = spec["deploymentMode"]
 
     model_fmt: dict[str, Any] = {"name": fmt["name"]}
     if fmt.get("version"):
@@ -106,12 +106,12 @@ def desired_inference_service(model: Mapping[str, Any]) -> dict[str, Any]:
     predictor_model: dict[str, Any] = {
         "modelFormat": model_fmt,
         "storageUri": storage_uri,
-        "protocolVersion": PROTOCOL_VERSIONS[spec.get("protocol", "v1")],
+        "protocolVersion": PROTOCOL_VERSIONS[spec["protocol"]],
     }
     if spec.get("runtime"):
         predictor_model["runtime"] = spec["runtime"]
 
-    gpus = int(resources.get("gpus") or 0)
+    gpus = int(resources["gpus"])
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     for name in ("cpu", "memory"):
@@ -124,15 +124,15 @@ def desired_inference_service(model: Mapping[str, Any]) -> dict[str, Any]:
 
     predictor: dict[str, Any] = {
         "model": predictor_model,
-        "minReplicas": int(scaling.get("minReplicas", 1)),
-        "scaleMetric": scaling.get("metric", "concurrency"),
+        "minReplicas": int(scaling["minReplicas"]),
+        "scaleMetric": scaling["metric"],
     }
     if scaling.get("maxReplicas") is not None:
         predictor["maxReplicas"] = int(scaling["maxReplicas"])
     if scaling.get("target") is not None:
         predictor["scaleTarget"] = int(scaling["target"])
     if canary and mode == "Knative":
-        predictor["canaryTrafficPercent"] = int(canary.get("trafficPercent", 10))
+        predictor["canaryTrafficPercent"] = int(canary["trafficPercent"])
     if gpus > 0:
         predictor["tolerations"] = [dict(NVIDIA_TOLERATION)]
         if resources.get("gpuProduct"):
@@ -297,14 +297,14 @@ class ModelStatus:
 
 def price_of(model: Mapping[str, Any]) -> Price:
     """The Model's price in base units; raises ``MoneyError`` naming the field."""
-    pricing = _spec(model).get("pricing") or {}
-    decimals = int(pricing.get("decimals", 18))
+    pricing = _spec(model)["pricing"]
+    decimals = int(pricing["decimals"])
 
     def units(name: str) -> int:
-        return to_base_units(str(pricing.get(name, "0")), decimals, field=f"spec.pricing.{name}")
+        return to_base_units(str(pricing[name]), decimals, field=f"spec.pricing.{name}")
 
     return Price(
-        token=str(pricing.get("token", "OPEN")),
+        token=str(pricing["token"]),
         decimals=decimals,
         per_request=units("perRequest"),
         per_input_token=units("perInputToken"),
@@ -462,13 +462,11 @@ def model_route(model: Mapping[str, Any], url: str) -> ModelRoute:
     return ModelRoute(
         model=object_ref(meta["namespace"], meta["name"]),
         url=url,
-        protocol=str(spec.get("protocol", "v1")),
+        protocol=str(spec["protocol"]),
         price=price_of(model),
         owner=str(spec.get("owner", "")).lower(),
         contributors=tuple(
-            Contributor(
-                account=str(c["account"]).lower(), share_bps=int(c["shareBps"]), role=str(c.get("role", "data"))
-            )
+            Contributor(account=str(c["account"]).lower(), share_bps=int(c["shareBps"]), role=str(c["role"]))
             for c in spec.get("contributors") or ()
         ),
         generation=int(meta.get("generation") or 0),

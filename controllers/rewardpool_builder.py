@@ -1,21 +1,41 @@
 """Pure pieces of the RewardPool controller: spec → settler config, selector, bindings, status.
 
 No I/O here; ``rewardpool.py`` is the Kopf shell. Every error names the field.
+Specs are read through ``api.defaulted_spec``: the defaults live in the CRD
+schema only.
+
+Binding rules (``binding_plan``), decided before any usage is metered so that
+no configuration error is discovered at ingest:
+
+* a Model belongs to at most one pool: among the valid pools of its namespace
+  that select it, the oldest (creationTimestamp, then name) binds it; the others
+  report it refused (``ModelClaimed``), so two pools never flip its binding;
+* a Model priced in other units than the pool's token (``pricing.decimals`` ≠
+  ``spec.chain.tokenDecimals``) is refused (``DecimalsMismatch``);
+* a Model whose price could overflow the distributor's amounts is refused
+  (``PriceOverflow``): the contract stores cumulative amounts as ``uint104``, and
+  ``PRICE_HEADROOM`` (2^32) requests or tokens at any one price must fit in it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from openledger.controllers import model_builder as mb
+from openledger.controllers.api import defaulted_spec
 from openledger.controllers.conditions import condition, merge_conditions, now_rfc3339
 from openledger.money import MoneyError, to_base_units, to_decimal_string
 from openledger.settlement.errors import ConfigError
 from openledger.settlement.pool import PoolConfig, PoolStatus
 from openledger.wire import PoolBinding, object_ref
 
-DECIMALS = 18  # RewardPool amounts are in the pool token's units; the API default
+AMOUNT_MAX = 2**104 - 1  # RewardDistributor.sol keeps cumulative amounts in uint104
+PRICE_HEADROOM = 2**32  # requests (or tokens) at one price that must fit in AMOUNT_MAX
+# Settled-condition reasons that are a refusal by configuration, not an operational backlog.
+REFUSALS = ("IdentityChanged", "DistributorInUse", "ContractStateMismatch")
 
 
 class RewardPoolSpecError(ValueError):
@@ -47,13 +67,20 @@ def check_secrets(rpc_url: str, signer_key: str) -> None:
         raise RewardPoolSpecError("spec.chain.signerKeySecretRef: the value is not a private key (0x + 64 hex)")
 
 
-def pool_config(namespace: str, name: str, spec: Mapping[str, Any]) -> PoolConfig:
+def token_decimals(spec: Mapping[str, Any]) -> int:
+    """Decimals of the pool's token (``spec.chain.tokenDecimals``, defaulted by the schema)."""
+    chain = defaulted_spec("RewardPool", spec).get("chain") or {}
+    return int(chain.get("tokenDecimals", 18)) if isinstance(chain, Mapping) else 18
+
+
+def pool_config(namespace: str, name: str, raw_spec: Mapping[str, Any]) -> PoolConfig:
     """The settler's view of a RewardPool spec (no secrets)."""
+    spec = defaulted_spec("RewardPool", raw_spec)
     chain = spec.get("chain")
     if not isinstance(chain, Mapping):
         raise RewardPoolSpecError("spec.chain: required")
     try:
-        min_payout = to_base_units(str(spec.get("minPayout", "0")), DECIMALS, "spec.minPayout")
+        min_payout = to_base_units(str(spec["minPayout"]), int(chain["tokenDecimals"]), "spec.minPayout")
     except MoneyError as exc:
         raise RewardPoolSpecError(str(exc)) from None
     if "chainId" not in chain:
@@ -64,13 +91,14 @@ def pool_config(namespace: str, name: str, spec: Mapping[str, Any]) -> PoolConfi
     try:
         return PoolConfig(
             pool=object_ref(namespace, name),
-            epoch_seconds=int(spec.get("epochSeconds", 3600)),
+            epoch_seconds=int(spec["epochSeconds"]),
             min_payout=min_payout,
             chain_id=int(chain["chainId"]),
             distributor=str(chain["distributorAddress"]),
             # N confirmations: the inclusion block counts as the first; 0 means "mined".
-            confirmations=max(int(chain.get("confirmations", 2)), 1),
-            paused=bool(spec.get("paused", False)),
+            confirmations=max(int(chain["confirmations"]), 1),
+            paused=bool(spec["paused"]),
+            token=str(chain.get("tokenAddress") or ""),
         )
     except ConfigError as exc:
         raise RewardPoolSpecError(str(exc)) from None
@@ -125,24 +153,124 @@ def resync_targets(pools: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mappin
     """
     out: list[tuple[str, Mapping[str, Any]]] = []
     for pool in pools:
-        meta = pool.get("metadata") or {}
-        if meta.get("deletionTimestamp"):
-            continue
-        spec = pool.get("spec") or {}
-        try:
-            pool_config(str(meta.get("namespace", "")), str(meta.get("name", "")), spec)
-        except RewardPoolSpecError:
-            continue
-        out.append((str(meta["name"]), spec))
+        if _eligible(pool):
+            out.append((str(pool["metadata"]["name"]), pool.get("spec") or {}))
     return sorted(out, key=lambda item: item[0])
 
 
 def binding(namespace: str, name: str, spec: Mapping[str, Any]) -> PoolBinding:
-    return PoolBinding(pool=object_ref(namespace, name), fee_bps=int(spec.get("protocolFeeBps", 0)))
+    return PoolBinding(
+        pool=object_ref(namespace, name), fee_bps=int(defaulted_spec("RewardPool", spec)["protocolFeeBps"])
+    )
 
 
-def _money(base_units: int) -> str:
-    return to_decimal_string(base_units, DECIMALS)
+@dataclass(frozen=True)
+class Refusal:
+    """A Model the pool selects but does not bind, and why (reason CamelCase, message names the fields)."""
+
+    model: str
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class BindingPlan:
+    bound: list[str]  # Model names to bind, sorted
+    refused: list[Refusal]
+
+
+def model_refusal(spec: Mapping[str, Any], model: Mapping[str, Any]) -> Refusal | None:
+    """Why a selected Model cannot be settled by a pool with ``spec`` (None: it can)."""
+    name = str((model.get("metadata") or {}).get("name"))
+    try:
+        price = mb.price_of(model)
+    except MoneyError:
+        return None  # not routed at all (the Model's Priced=False says why), so nothing to settle
+    decimals = token_decimals(spec)
+    if price.decimals != decimals:
+        return Refusal(
+            name,
+            "DecimalsMismatch",
+            f"Model {name}: spec.pricing.decimals {price.decimals} differs from the pool's"
+            f" spec.chain.tokenDecimals {decimals}; its amounts would be settled in the wrong unit",
+        )
+    prices = {"perRequest": price.per_request, "perInputToken": price.per_input_token,
+              "perOutputToken": price.per_output_token}  # fmt: skip
+    for field, amount in prices.items():
+        if amount * PRICE_HEADROOM > AMOUNT_MAX:
+            return Refusal(
+                name,
+                "PriceOverflow",
+                f"Model {name}: spec.pricing.{field} is {amount} base units; {PRICE_HEADROOM} requests or"
+                f" tokens at that price exceed the distributor's uint104 amount range ({AMOUNT_MAX})",
+            )
+    return None
+
+
+def _age_key(pool: Mapping[str, Any]) -> tuple[str, str]:
+    meta = pool.get("metadata") or {}
+    return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+
+
+def binding_plan(
+    namespace: str,
+    name: str,
+    spec: Mapping[str, Any],
+    models: Sequence[Mapping[str, Any]],
+    pools: Sequence[Mapping[str, Any]],
+) -> BindingPlan:
+    """Which of the Models this pool selects it binds, and which it refuses (see the module docstring).
+
+    ``pools`` are the RewardPools of the namespace (this one included or not); only
+    valid pools that are not being deleted can hold a Model.
+    """
+    rivals = sorted(
+        (p for p in pools if str((p.get("metadata") or {}).get("name")) != name and _eligible(p)), key=_age_key
+    )
+    me = next((p for p in pools if str((p.get("metadata") or {}).get("name")) == name), {"metadata": {"name": name}})
+    bound: list[str] = []
+    refused: list[Refusal] = []
+    for model in sorted(models, key=lambda m: str(m["metadata"]["name"])):
+        model_name = str(model["metadata"]["name"])
+        if not selects(spec.get("modelSelector"), (model.get("metadata") or {}).get("labels")):
+            continue
+        holder = next(
+            (p for p in rivals if _age_key(p) < _age_key(me) and selects(
+                (p.get("spec") or {}).get("modelSelector"), (model.get("metadata") or {}).get("labels"))),
+            None,
+        )  # fmt: skip
+        if holder is not None:
+            other = object_ref(namespace, str(holder["metadata"]["name"]))
+            refused.append(Refusal(model_name, "ModelClaimed",
+                                   f"Model {model_name} already belongs to RewardPool {other} (the older pool"
+                                   " selecting it); a Model belongs to at most one pool"))  # fmt: skip
+            continue
+        refusal = model_refusal(spec, model)
+        if refusal is not None:
+            refused.append(refusal)
+        else:
+            bound.append(model_name)
+    return BindingPlan(bound, refused)
+
+
+def _eligible(pool: Mapping[str, Any]) -> bool:
+    meta = pool.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return False
+    try:
+        pool_config(str(meta.get("namespace", "")), str(meta.get("name", "")), pool.get("spec") or {})
+    except RewardPoolSpecError:
+        return False
+    return True
+
+
+def models_bound_condition(plan: BindingPlan, *, generation: int | None, now: str) -> dict[str, Any]:
+    """The ``ModelsBound`` condition: True when every selected Model is bound."""
+    if not plan.refused:
+        return condition("ModelsBound", True, "AllBound", "", generation=generation, now=now)
+    reason = plan.refused[0].reason if len({r.reason for r in plan.refused}) == 1 else "ModelsRefused"
+    message = "; ".join(r.message for r in plan.refused)[:4000]
+    return condition("ModelsBound", False, reason, message, generation=generation, now=now)
 
 
 def pool_status(
@@ -152,7 +280,9 @@ def pool_status(
     models: int,
     paused: bool,
     epoch_seconds: int,
+    decimals: int = 18,
     settled: PoolStatus | None = None,
+    plan: BindingPlan | None = None,
     error: str = "",
     now: str | None = None,
 ) -> dict[str, Any]:
@@ -161,9 +291,20 @@ def pool_status(
     now = now or now_rfc3339()
     status: dict[str, Any] = {"observedGeneration": generation, "models": models}
     conds = []
+    if plan is not None:
+        conds.append(models_bound_condition(plan, generation=generation, now=now))
     if error:
         status["phase"] = "Failed"
         conds.append(condition("Ready", False, "InvalidSpec", error, generation=generation, now=now))
+        status["conditions"] = merge_conditions(previous.get("conditions"), conds)
+        return status
+    if settled is not None and not settled.database_available:
+        # Nothing fresh from the ledger: keep the last figures, say why they are stale.
+        status["phase"] = "Degraded"
+        for type_ in ("Settled", "Ready"):
+            conds.append(
+                condition(type_, False, "DatabaseUnavailable", settled.blocked_message, generation=generation, now=now)
+            )
         status["conditions"] = merge_conditions(previous.get("conditions"), conds)
         return status
     if settled is not None:
@@ -171,8 +312,8 @@ def pool_status(
             currentEpoch=settled.current_epoch,
             lastSettledEpoch=settled.last_settled_epoch,
             lastRoot=settled.last_root,
-            pendingAmount=_money(settled.pending_amount),
-            settledTotal=_money(settled.settled_total),
+            pendingAmount=to_decimal_string(settled.pending_amount, decimals),
+            settledTotal=to_decimal_string(settled.settled_total, decimals),
             nextEpochAt=_rfc3339((settled.current_epoch + 1) * epoch_seconds),
         )
         if settled.last_tx_hash:
@@ -190,20 +331,11 @@ def pool_status(
                 now=now,
             )
         )
-        caught_up = settled.lag_epochs == 0
-        backlog = f"{settled.lag_epochs} closed epoch(s) not yet settled"
-        conds.append(
-            condition(
-                "Settled",
-                caught_up,
-                "UpToDate" if caught_up else ("PublicationBlocked" if settled.blocked_message else "Backlog"),
-                "" if caught_up else (f"{backlog}: {settled.blocked_message}" if settled.blocked_message else backlog),
-                generation=generation,
-                now=now,
-            )
-        )
+        conds.append(_settled_condition(settled, generation=generation, now=now))
         if paused:
             phase = "Paused"
+        elif settled.blocked_reason in REFUSALS:
+            phase = "Failed"
         elif not reachable:
             phase = "Degraded"
         elif settled.publishing_epoch:
@@ -213,11 +345,27 @@ def pool_status(
     else:
         phase = "Paused" if paused else "Pending"
     status["phase"] = phase
+    ready_reason = settled.blocked_reason if settled is not None and phase == "Failed" else phase
     conds.append(
-        condition("Ready", phase in ("Ready", "Settling", "Paused"), phase, "", generation=generation, now=now)
+        condition("Ready", phase in ("Ready", "Settling", "Paused"), ready_reason, "", generation=generation, now=now)
     )
     status["conditions"] = merge_conditions(previous.get("conditions"), conds)
     return status
+
+
+def _settled_condition(settled: PoolStatus, *, generation: int | None, now: str) -> dict[str, Any]:
+    """``Settled``: UpToDate only when nothing is closed-and-unsettled AND nothing is refused or blocked."""
+    backlog = f"{settled.lag_epochs} closed epoch(s) not yet settled"
+    if settled.blocked_reason in REFUSALS:
+        return condition("Settled", False, settled.blocked_reason, settled.blocked_message,
+                         generation=generation, now=now)  # fmt: skip
+    if settled.lag_epochs == 0:
+        return condition("Settled", True, "UpToDate", "", generation=generation, now=now)
+    if settled.blocked_message:
+        reason = settled.blocked_reason or "PublicationBlocked"
+        return condition("Settled", False, reason, f"{backlog}: {settled.blocked_message}",
+                         generation=generation, now=now)  # fmt: skip
+    return condition("Settled", False, "Backlog", backlog, generation=generation, now=now)
 
 
 def _rfc3339(unix_s: int) -> str:
@@ -227,14 +375,22 @@ def _rfc3339(unix_s: int) -> str:
 
 
 __all__ = [
+    "AMOUNT_MAX",
+    "PRICE_HEADROOM",
+    "BindingPlan",
+    "Refusal",
     "RewardPoolSpecError",
     "binding",
+    "binding_plan",
     "check_secrets",
+    "model_refusal",
     "model_selection_changed",
+    "models_bound_condition",
     "pool_config",
     "pool_status",
     "resync_targets",
     "secret_refs",
     "selected_models",
     "selects",
+    "token_decimals",
 ]

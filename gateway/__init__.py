@@ -1,8 +1,11 @@
 """The inference gateway (``openledger gateway``).
 
 Public surface: ``Gateway`` (the ASGI app) and the pure decision modules
-``gcra``, ``breaker``, ``retry``, ``metering``, ``protocols``, ``records``.
-The Lua scripts in ``lua/`` are the production limiter; ``gcra`` is their reference.
+``gcra``, ``breaker``, ``retry``, ``metering``, ``protocols``, ``records``,
+``lifetimes``. The Lua scripts in ``lua/`` (loaded by ``scripts``, which names
+their reply codes) are the production limiter and meter; ``gcra`` is their
+reference, ``lua/money.lua`` their exact decimal-string money arithmetic.
+``durability`` makes the answer wait until its usage event is durable.
 """
 
 from __future__ import annotations

@@ -1,35 +1,46 @@
 """The inference gateway: a raw ASGI app (no framework; see calibration.md).
 
 Per request, in order: authenticate (SHA-256 of the key, constant-time compare)
--> authorize the Model -> one EVALSHA (``lua/admit.lua``: key still valid, config
-version, GCRA for requests and tokens, concurrency slot or FIFO queue, budget
-reservation of the maximum cost) -> proxy with a timeout, a per-model circuit
-breaker and a retry budget -> one EVALSHA (``lua/settle.lua``: charge the actual
-cost, release, correct the token limiter, XADD the usage event) -> respond.
+-> authorize the Model -> [``Idempotency-Key``: claim it or replay its stored
+outcome, ``lua/idempotency.lua``] -> one EVALSHA (``lua/admit.lua``: key still
+valid, config version, spend known, GCRA for requests and tokens, concurrency
+slot or FIFO queue, budget reservation of the maximum cost) -> proxy with a
+timeout, a per-model circuit breaker and a retry budget -> one EVALSHA
+(``lua/settle.lua``: charge the actual cost, release, correct the token limiter,
+XADD the usage event, store the idempotent outcome) -> [durability wait,
+``durability.py``] -> respond. Money crosses Redis as decimal strings of base
+units only (``lua/money.lua``); reply codes are ``scripts.AdmitCode`` & co.
 
-The usage event is written before the response is sent, exactly once per
-request that reached a model (``settle.lua`` is idempotent per request id).
-Requests refused before the upstream call write none.
+Metering: a request that reached a model is settled exactly once
+(``settle.lua`` is idempotent by a per-request marker, and charges even when the
+reservation is gone), and its answer is sent only after its usage event is
+written and durable by ``gateway_durability``; if that cannot be done the answer
+is withheld (503). Admission runs inside the ``try/finally`` that releases, so a
+lost admit reply never leaks a slot or a reservation beyond a release attempt
+(and the in-flight ttl, ``lifetimes.py``). Requests refused before the upstream
+call write no event.
 
 Errors (all JSON in the protocol's own shape, see ``protocols.py``):
-400 bad body · 401 missing/unknown/revoked key · 402 budget exhausted ·
-403 Model not allowed · 404 unknown Model/path · 413 body or token count too
-large · 429 rate limited / queue full / queue timeout (Retry-After) ·
-502 upstream failed · 503 circuit open, model not ready, Redis unavailable ·
-504 upstream timeout.
+400 bad body or Idempotency-Key · 401 missing/unknown/revoked key · 402 budget
+exhausted · 403 Model not allowed · 404 unknown Model/path · 409 same
+Idempotency-Key still in progress · 413 body or token count too large · 422
+Idempotency-Key reused with another body · 429 rate limited / queue full / queue
+timeout (Retry-After) · 502 upstream failed · 503 circuit open, model not ready,
+Redis unavailable, spend being restored, usage not recorded or not durable · 504
+upstream timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import aiohttp
@@ -37,12 +48,24 @@ import orjson
 
 from openledger.gateway import metrics as m
 from openledger.gateway.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from openledger.gateway.durability import DurabilityBarrier, NotDurable, check_server
 from openledger.gateway.ids import uuid7
+from openledger.gateway.lifetimes import SETTLE_ATTEMPTS, inflight_ttl_s
 from openledger.gateway.metering import RequestError, RequestShape, actual_usage, estimate, max_cost
 from openledger.gateway.protocols import Route, error_body, match_path, upstream_path
-from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, hash_api_key, period_bounds_s, period_id
-from openledger.gateway.redisproto import RedisClient, RedisError, RedisUnavailable, Script
+from openledger.gateway.records import (
+    AgentConfig,
+    AgentKeys,
+    apikey_key,
+    hash_api_key,
+    idempotency_key,
+    period_bounds_s,
+    period_id,
+    settled_key,
+)
+from openledger.gateway.redisproto import RedisClient, RedisError, RedisUnavailable
 from openledger.gateway.retry import RetryBudget, backoff_s
+from openledger.gateway.scripts import ADMIT, IDEMPOTENCY, SETTLE, AdmitCode, IdempotencyCode, SettleCode
 from openledger.gateway.upstream import UpstreamBroken, UpstreamPool, UpstreamRefused
 from openledger.settings import Settings
 from openledger.wire import ModelRoute, PoolBinding, UsageEvent, model_pool_key, model_route_key
@@ -54,19 +77,23 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-ADMIT = Script(resources.files("openledger.gateway").joinpath("lua/admit.lua").read_text())
-SETTLE = Script(resources.files("openledger.gateway").joinpath("lua/settle.lua").read_text())
-
 _JSON = (b"content-type", b"application/json")
 _RETRYABLE_STATUS = frozenset({502, 503})
 MAX_ATTEMPTS = 3
+IDEMPOTENCY_KEY_MAX = 255  # characters, as Stripe allows
 
 
 class Reject(Exception):
     """Answer the client now with an error in its protocol's shape."""
 
     def __init__(
-        self, status: int, code: str, message: str, retry_after_s: float | None = None, param: str | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after_s: float | None = None,
+        param: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ):
         super().__init__(message)
         self.status = status
@@ -74,6 +101,20 @@ class Reject(Exception):
         self.message = message
         self.retry_after_s = retry_after_s
         self.param = param
+        self.headers = headers
+
+
+class AdmissionUnknown(Reject):
+    """Redis failed during admission: a slot and a reservation may or may not be held."""
+
+
+@dataclass
+class _Claim:
+    """An ``Idempotency-Key`` this request holds (``stored``: settle.lua saved its outcome)."""
+
+    key: str
+    fingerprint: str
+    stored: bool = False
 
 
 @dataclass
@@ -105,7 +146,15 @@ class Gateway:
 
     def __init__(self, settings: Settings, redis: RedisClient | None = None) -> None:
         self.settings = settings
-        self.redis = redis or RedisClient(settings.redis_url)
+        timeout_s = settings.gateway_redis_timeout_s
+        wait_s = settings.gateway_durability_timeout_ms / 1000
+        self.redis = redis or RedisClient(settings.redis_url, command_timeout_s=timeout_s)
+        # Durability waits block their connection, so they get their own (durability.py).
+        self.barrier = DurabilityBarrier(
+            RedisClient(settings.redis_url, command_timeout_s=timeout_s + wait_s),
+            settings.gateway_durability,
+            settings.gateway_durability_timeout_ms,
+        )
         self.stream = settings.usage_stream
         self.timeout_s = settings.gateway_upstream_timeout_s
         self.state = GatewayState(retry_budget=RetryBudget(ratio=settings.gateway_retry_ratio))
@@ -118,10 +167,11 @@ class Gateway:
         self._queued: dict[str, int] = {}
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._periods: dict[str, tuple[str, int, int]] = {}
-        self._plans: dict[tuple[str, int, str, str], tuple[list[str], tuple[str, str], tuple[str, ...]]] = {}
-        # The in-flight ttl must outlive any request, so a live request is never reclaimed.
-        self.inflight_ttl_us = int((self.timeout_s * MAX_ATTEMPTS + 3600) * 1e6)
+        self._periods: dict[str, tuple[str, int]] = {}
+        self._plans: dict[tuple[str, int, str], tuple[list[str], tuple[str, str], tuple[str, ...]]] = {}
+        # The in-flight ttl must outlive any request (so a live one is never reclaimed) but no more.
+        ttl_s = inflight_ttl_s(self.timeout_s, timeout_s, wait_s)
+        self.inflight_ttl_us = int(ttl_s * 1_000_000)
 
     # ------------------------------------------------------------------ ASGI
 
@@ -147,6 +197,7 @@ class Gateway:
             self.session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
             )
+        await check_server(self.redis, self.settings.gateway_durability)
 
     async def shutdown(self) -> None:
         if self.session is not None:
@@ -154,6 +205,7 @@ class Gateway:
             self.session = None
         self.pool.close()
         await self.redis.close()
+        await self.barrier.client.close()
 
     # --------------------------------------------------------------- request
 
@@ -209,7 +261,7 @@ class Gateway:
         child.inc()
 
     async def _send_error(self, send: Send, protocol: str, rej: Reject) -> None:
-        headers = [_JSON]
+        headers = [_JSON, *rej.headers]
         if rej.retry_after_s is not None:
             headers.append((b"retry-after", str(max(1, math.ceil(rej.retry_after_s))).encode()))
         await send({"type": "http.response.start", "status": rej.status, "headers": headers})
@@ -257,6 +309,23 @@ class Gateway:
 
     async def _serve(self, route: Route, scope: Scope, raw: bytes) -> _Result:
         agent = await self._authenticate(scope)
+        client_key = _idempotency_header(scope)
+        if client_key is None:
+            return await self._serve_new(route, agent, raw, None)
+        claim = _Claim(idempotency_key(agent.ref, client_key), _fingerprint(scope["path"], raw))
+        request_id = uuid7()
+        replay = await self._claim(agent, claim, request_id)
+        if replay is not None:
+            return replay
+        try:
+            return await self._serve_new(route, agent, raw, claim, request_id)
+        finally:
+            if not claim.stored:  # not metered (or not worth replaying): a retry runs anew
+                await asyncio.shield(self._release_claim(claim, request_id))
+
+    async def _serve_new(
+        self, route: Route, agent: AgentConfig, raw: bytes, claim: _Claim | None, request_id: str = ""
+    ) -> _Result:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -302,7 +371,9 @@ class Gateway:
         probe = breaker.state is BreakerState.HALF_OPEN
         before = breaker.state
         try:
-            return await self._admitted(route, agent, model_ref, model_route, pool, shape, raw, breaker)
+            return await self._admitted(
+                route, agent, model_ref, model_route, pool, shape, raw, breaker, claim, request_id or uuid7()
+            )
         finally:
             if probe:
                 breaker.release_probe()
@@ -319,54 +390,40 @@ class Gateway:
         shape: RequestShape,
         raw: bytes,
         breaker: CircuitBreaker,
+        claim: _Claim | None,
+        request_id: str,
     ) -> _Result:
-        request_id = uuid7()
         started_ms = time.time_ns() // 1_000_000
-        reserve = agent.cost_quanta(max_cost(model_route.price, shape))
-        remaining = await self._admit(agent, model_ref, request_id, shape, reserve)
+        reserve = max_cost(model_route.price, shape)
         keys = AgentKeys(agent.ref)
-        settled = False
-        upstream: _Upstream | None = None
+        done = False  # settled, or refused by a definite admission reply (nothing held)
+        settle: _Settle | None = None
         try:
-            upstream = await self._call(route, model_ref, model_route, raw, breaker)
-            tokens_in = tokens_out = 0
-            cost = 0
-            if upstream.outcome == "ok":
-                response = _json_or_none(upstream.body)
-                tokens_in, tokens_out = actual_usage(shape, response)
-                cost = model_route.price.cost(tokens_in, tokens_out)
-            event = UsageEvent(
-                event_id=request_id,
-                agent=agent.ref,
-                payer=agent.account,
-                model=model_ref,
-                owner=model_route.owner,
-                price=model_route.price,
-                input_tokens=tokens_in,
-                output_tokens=tokens_out,
-                cost=cost,
-                outcome=upstream.outcome,
-                started_at_ms=started_ms,
-                finished_at_ms=time.time_ns() // 1_000_000,
-                contributors=model_route.contributors,
-                pool=pool.pool if pool else "",
-                fee_bps=pool.fee_bps if pool else 0,
-            )
-            delta = (tokens_in + tokens_out) - shape.estimated_tokens
             try:
-                await self._settle(
-                    agent, keys, request_id, agent.cost_quanta(cost), delta, event if upstream.reached else None
-                )
+                remaining = await self._admit(agent, model_ref, request_id, shape, reserve)
+            except Reject as refused:
+                done = not isinstance(refused, AdmissionUnknown)
+                raise
+            upstream = await self._call(route, model_ref, model_route, raw, breaker)
+            settle = self._settlement(agent, model_ref, model_route, pool, shape, request_id, started_ms, upstream)
+            headers = [(b"x-openledger-event-id", request_id.encode())]
+            if remaining is not None:
+                headers.append((b"x-openledger-budget-remaining", remaining.encode()))
+            if claim is not None and settle.event is not None and upstream.status < 500:
+                settle.outcome = _outcome(upstream, request_id, remaining)
+            try:
+                await self._settle(agent, keys, settle, claim)
             except (RedisUnavailable, RedisError):
                 # No usage event could be written: the answer is withheld (never served unmetered).
                 log.error("metering failed; answer withheld", extra={"action": "settle", "request": request_id})
                 rej = Reject(503, "metering_unavailable", "usage could not be recorded; retry", 1)
                 raise _tag(rej, agent, model_ref) from None
-            settled = True
+            done = True
+            await self._durable(agent, model_ref, request_id)
         finally:
-            if not settled:
-                # Cancelled or failed before settling: release (and record the event if the model was reached).
-                await asyncio.shield(self._release_after_failure(agent, keys, request_id, shape))
+            if not done:
+                # Failed or cancelled before settling: settle what reached the model, release the rest.
+                await asyncio.shield(self._release_after_failure(agent, keys, request_id, shape, settle, claim))
         if not upstream.reached:
             raise _tag(
                 Reject(502, "upstream_unavailable", f"model {model_ref.split('/')[1]!r} is unreachable", 1),
@@ -377,12 +434,59 @@ class Gateway:
             raise _tag(
                 Reject(504, "upstream_timeout", f"model did not answer within {self.timeout_s:g} s"), agent, model_ref
             )
-        headers = [(b"x-openledger-event-id", request_id.encode())]
-        if remaining is not None:
-            headers.append((b"x-openledger-budget-remaining", str(remaining * agent.budget_quantum).encode()))
         return _Result(
             upstream.status, upstream.body, upstream.content_type, headers, agent.ref, model_ref, upstream.upstream_s
         )
+
+    def _settlement(
+        self,
+        agent: AgentConfig,
+        model_ref: str,
+        model_route: ModelRoute,
+        pool: PoolBinding | None,
+        shape: RequestShape,
+        request_id: str,
+        started_ms: int,
+        upstream: _Upstream,
+    ) -> _Settle:
+        """What settle.lua must record for this upstream result (pure)."""
+        tokens_in = tokens_out = 0
+        cost = 0
+        if upstream.outcome == "ok":
+            tokens_in, tokens_out = actual_usage(shape, _json_or_none(upstream.body))
+            cost = model_route.price.cost(tokens_in, tokens_out)
+        event = UsageEvent(
+            event_id=request_id,
+            agent=agent.ref,
+            payer=agent.account,
+            model=model_ref,
+            owner=model_route.owner,
+            price=model_route.price,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost=cost,
+            outcome=upstream.outcome,
+            started_at_ms=started_ms,
+            finished_at_ms=time.time_ns() // 1_000_000,
+            contributors=model_route.contributors,
+            pool=pool.pool if pool else "",
+            fee_bps=pool.fee_bps if pool else 0,
+        )
+        delta = (tokens_in + tokens_out) - shape.estimated_tokens
+        return _Settle(request_id, cost, delta, event if upstream.reached else None)
+
+    async def _durable(self, agent: AgentConfig, model_ref: str, request_id: str) -> None:
+        """Wait until the usage event is durable by policy; else withhold the answer (the event stays)."""
+        try:
+            await self.barrier.wait()
+        except NotDurable:
+            m.LIMITER_REJECTIONS.labels(agent.ref, "not_durable").inc()
+            msg = (
+                f"usage recorded as event {request_id} but not confirmed durable; "
+                "retry with the same Idempotency-Key to get the answer without a second charge"
+            )
+            rej = Reject(503, "usage_not_durable", msg, 1, headers=((b"x-openledger-event-id", request_id.encode()),))
+            raise _tag(rej, agent, model_ref) from None
 
     async def _release_after_failure(
         self,
@@ -390,14 +494,50 @@ class Gateway:
         keys: AgentKeys,
         request_id: str,
         shape: RequestShape,
+        settle: _Settle | None,
+        claim: _Claim | None,
     ) -> None:
+        if settle is None or settle.event is None:
+            # The model never saw it: only the slot and reservation (if admitted) to release.
+            settle = _Settle(request_id, 0, -shape.estimated_tokens, None)
+            claim = None
         try:
-            await self._settle(agent, keys, request_id, 0, -shape.estimated_tokens, None)
+            await self._settle(agent, keys, settle, claim)
         except (RedisUnavailable, RedisError):
             log.warning(
                 "release failed; the reservation expires with its ttl",
                 extra={"action": "release", "request": request_id},
             )
+
+    # ------------------------------------------------------- idempotency keys
+
+    async def _claim(self, agent: AgentConfig, claim: _Claim, request_id: str) -> _Result | None:
+        """Claim the key (None: run the request) or return the stored outcome of its first run."""
+        ttl_ms = str(self.inflight_ttl_us // 1000)
+        try:
+            reply = await self.redis.evalsha(IDEMPOTENCY, [claim.key], ["claim", claim.fingerprint, request_id, ttl_ms])
+        except RedisUnavailable:
+            raise _tag(Reject(503, "redis_unavailable", "limits store unavailable", 1), agent, "-") from None
+        code = IdempotencyCode(reply[0])
+        if code is IdempotencyCode.CLAIMED:
+            return None
+        if code is IdempotencyCode.KEY_REUSED:
+            msg = "Idempotency-Key: already used with a different request body; use a new key"
+            raise _tag(Reject(422, "idempotency_key_reused", msg, param="Idempotency-Key"), agent, "-")
+        if code is IdempotencyCode.IN_PROGRESS:
+            msg = "Idempotency-Key: a request with this key is still in progress; retry later"
+            raise _tag(Reject(409, "idempotency_in_progress", msg, 1, param="Idempotency-Key"), agent, "-")
+        status, ctype, body, event_id, remaining = reply[1:6]
+        await self._durable(agent, "-", event_id.decode())
+        headers = [(b"x-openledger-event-id", event_id), (b"idempotent-replayed", b"true")]
+        if remaining:
+            headers.append((b"x-openledger-budget-remaining", remaining))
+        return _Result(int(status), body, ctype, headers, agent.ref, "-", 0.0)
+
+    async def _release_claim(self, claim: _Claim, request_id: str) -> None:
+        # Left behind, the claim expires with the in-flight ttl (a retry meanwhile gets 409).
+        with contextlib.suppress(RedisUnavailable, RedisError):
+            await self.redis.evalsha(IDEMPOTENCY, [claim.key], ["release", claim.fingerprint, request_id, "0"])
 
     # ------------------------------------------------------------------ auth
 
@@ -468,8 +608,11 @@ class Gateway:
 
     async def _admit(
         self, agent: AgentConfig, model_ref: str, request_id: str, shape: RequestShape, reserve: int
-    ) -> int | None:
-        """Run admit.lua until admitted (queueing if saturated); returns budget quanta left (None: no budget)."""
+    ) -> str | None:
+        """Run admit.lua until admitted (queueing if saturated); returns base units left (None: no budget).
+
+        Raises ``AdmissionUnknown`` when Redis failed mid-call (the caller releases), ``Reject`` otherwise.
+        """
         queue_entry = ""
         queued_at = 0.0
         deadline = 0.0
@@ -477,21 +620,21 @@ class Gateway:
             try:
                 while True:
                     reply = await self._admit_once(agent, request_id, shape, reserve, queue_entry, deadline)
-                    code = reply[0]
-                    if code == 1:
+                    code = AdmitCode(reply[0])
+                    if code is AdmitCode.ADMITTED:
                         if queue_entry:
                             m.QUEUE_WAIT.observe(time.monotonic() - queued_at)
                             self._queue_gauge(agent.ref, -1)
-                        remaining = int(reply[1]) if reply[1] not in (b"", "") else None
+                        remaining = reply[1].decode() if reply[1] else None
                         if remaining is not None:
-                            self._child(m.BUDGET_REMAINING, agent.ref).set(remaining * agent.budget_quantum)
+                            self._child(m.BUDGET_REMAINING, agent.ref).set(int(remaining))
                         return remaining
-                    if code == -6:
+                    if code is AdmitCode.QUEUED:
                         queue_entry = reply[1].decode()
                         queued_at = time.monotonic()
                         deadline = queued_at + agent.queue_max_wait_ms / 1000
                         self._queue_gauge(agent.ref, +1)
-                    if code in (-6, -8):
+                    if code in (AdmitCode.QUEUED, AdmitCode.WAITING):
                         if time.monotonic() >= deadline:
                             await self._leave_queue(agent, queue_entry)
                             self._reject_metric(agent, "queue_timeout")
@@ -502,41 +645,43 @@ class Gateway:
                     if queue_entry:
                         self._queue_gauge(agent.ref, -1)
                         queue_entry = ""
-                    if code == -2:
+                    if code is AdmitCode.STALE_CONFIG:
                         agent = await self._load_agent(agent.key_hash)
                         break
-                    raise _tag(self._admit_reject(agent, reply), agent, model_ref)
-            except RedisUnavailable:
+                    raise _tag(self._admit_reject(agent, code, reply), agent, model_ref)
+            except (RedisUnavailable, RedisError) as exc:
                 if queue_entry:
                     self._queue_gauge(agent.ref, -1)
-                raise _tag(Reject(503, "redis_unavailable", "limits store unavailable", 1), agent, model_ref) from None
+                log.warning("admission failed", extra={"action": "admit", "request": request_id, "error": str(exc)})
+                rej = AdmissionUnknown(503, "redis_unavailable", "limits store unavailable", 1)
+                raise _tag(rej, agent, model_ref) from None
         raise _tag(Reject(503, "config_changing", "agent configuration is changing; retry", 1), agent, model_ref)
 
     async def _admit_once(
         self, agent: AgentConfig, request_id: str, shape: RequestShape, reserve: int, entry: str, deadline: float
     ) -> list[Any]:
         now_s = time.time()
-        period, spent_ttl_s = self._period(agent.budget_period, now_s)
-        keys, head, tail = self._admit_plan(agent, period)
+        period = self._period(agent.budget_period, now_s)
+        keys, head, tail = self._admit_plan(agent)
         deadline_us = int((now_s + agent.queue_max_wait_ms / 1000) * 1e6)
         args = [*head, request_id, "", *tail[:4], str(shape.estimated_tokens), tail[4], tail[5], str(reserve),
-                tail[6], tail[7], str(spent_ttl_s), tail[8], entry, str(deadline_us)]  # fmt: skip
+                tail[6], tail[7], period, tail[8], entry, str(deadline_us)]  # fmt: skip
         result: list[Any] = await self.redis.evalsha(ADMIT, keys, args)
         return result
 
-    def _admit_plan(self, agent: AgentConfig, period: str) -> tuple[list[str], tuple[str, str], tuple[str, ...]]:
+    def _admit_plan(self, agent: AgentConfig) -> tuple[list[str], tuple[str, str], tuple[str, ...]]:
         """The admit.lua keys and constant arguments of one agent config version (built once)."""
-        cache_key = (agent.ref, agent.version, agent.key_hash, period)
+        cache_key = (agent.ref, agent.version, agent.key_hash)
         plan = self._plans.get(cache_key)
         if plan is None:
-            if len(self._plans) > 10_000:  # bounded: configs of departed agents and past periods
+            if len(self._plans) > 10_000:  # bounded: configs of departed agents
                 self._plans.clear()
             k = AgentKeys(agent.ref)
-            keys = [apikey_key(agent.key_hash), k.config, k.inflight, k.reserved, k.spent(period), k.rate_requests,
+            keys = [apikey_key(agent.key_hash), k.config, k.inflight, k.reserved, k.spend, k.rate_requests,
                     k.rate_tokens, k.queue, k.stats]  # fmt: skip
-            budget = agent.budget_quanta
+            budget = agent.budget_base_units
             tail = (
-                repr(float(agent.requests_per_second)),
+                repr(float(agent.requests_per_second)),  # a rate, not money
                 str(agent.burst),
                 repr(agent.tokens_per_minute / 60),
                 str(agent.tokens_per_minute),
@@ -549,22 +694,21 @@ class Gateway:
             plan = self._plans[cache_key] = (keys, (agent.ref, str(agent.version)), tail)
         return plan
 
-    def _admit_reject(self, agent: AgentConfig, reply: list[Any]) -> Reject:
-        code = reply[0]
-        if code == -1:
+    def _admit_reject(self, agent: AgentConfig, code: AdmitCode, reply: list[Any]) -> Reject:
+        if code is AdmitCode.UNKNOWN_KEY:
             self._agents.pop(agent.key_hash, None)
             return Reject(401, "invalid_api_key", "invalid or revoked API key")
-        if code == -3:
+        if code is AdmitCode.RATE_LIMITED:
             which = "rate_requests" if reply[2] == 1 else "rate_tokens"
             self._reject_metric(agent, which)
             what = "requests per second" if reply[2] == 1 else "tokens per minute"
             return Reject(429, "rate_limited", f"rate limit exceeded ({what})", reply[1] / 1e6)
-        if code == -4:
+        if code is AdmitCode.TOO_MANY_TOKENS:
             self._reject_metric(agent, "too_large")
             return Reject(
                 413, "too_many_tokens", f"request needs more tokens than tokensPerMinute ({agent.tokens_per_minute})"
             )
-        if code == -5:
+        if code is AdmitCode.BUDGET_EXHAUSTED:
             self._reject_metric(agent, "budget")
             _, end = period_bounds_s(agent.budget_period, time.time())
             return Reject(
@@ -573,10 +717,14 @@ class Gateway:
                 f"budget for this {agent.budget_period.lower()} is exhausted",
                 end - time.time(),
             )
-        if code == -7:
+        if code is AdmitCode.QUEUE_FULL:
             self._reject_metric(agent, "queue_full")
             return Reject(429, "queue_full", f"queue is full ({agent.queue_max_depth} waiting)", 1)
-        return Reject(500, "internal", f"unexpected admission reply {code}")
+        if code is AdmitCode.SPEND_UNKNOWN:
+            self._reject_metric(agent, "spend_restoring")
+            msg = "this agent's budget spend is being restored from the ledger; retry shortly"
+            return Reject(503, "spend_restoring", msg, 1)
+        return Reject(500, "internal", f"unexpected admission reply {code!r}")
 
     def _reject_metric(self, agent: AgentConfig, reason: str) -> None:
         m.LIMITER_REJECTIONS.labels(agent.ref, reason).inc()
@@ -598,52 +746,51 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout_s)
 
-    def _period(self, period: str, now_s: float) -> tuple[str, int]:
-        """(period id, ttl of its spent counter in s), recomputed only when the period ends."""
+    def _period(self, period: str, now_s: float) -> str:
+        """The current budget period's id, recomputed only when the period ends."""
         cached = self._periods.get(period)
-        if cached is None or now_s >= cached[2]:
+        if cached is None or now_s >= cached[1]:
             _, end = period_bounds_s(period, now_s)
-            cached = self._periods[period] = (period_id(period, now_s), end, end)
-        return cached[0], int(cached[1] - now_s) + 86400  # the counter outlives its period by a day, for status
+            cached = self._periods[period] = (period_id(period, now_s), end)
+        return cached[0]
 
-    async def _settle(
-        self,
-        agent: AgentConfig,
-        keys: AgentKeys,
-        request_id: str,
-        cost_quanta: int,
-        token_delta: int,
-        event: UsageEvent | None,
-    ) -> None:
-        period, spent_ttl_s = self._period(agent.budget_period, time.time())
+    async def _settle(self, agent: AgentConfig, keys: AgentKeys, settle: _Settle, claim: _Claim | None) -> None:
+        """Run settle.lua (idempotent by its marker, so a lost reply is safe to repeat)."""
+        event = settle.event
+        record = claim is not None and settle.outcome is not None
+        outcome = settle.outcome or ()
         args: list[str | bytes | int | float] = [
-            request_id,
-            str(cost_quanta),
-            str(spent_ttl_s),
-            str(token_delta),
+            settle.request_id,
+            str(settle.cost),
+            self._period(agent.budget_period, time.time()),
+            str(self.settings.gateway_settled_marker_ttl_s),
+            str(settle.token_delta),
             repr(agent.tokens_per_minute / 60),
             "1" if event is not None else "0",
+            str(self.settings.gateway_idempotency_window_s * 1000) if record else "",
+            str(len(outcome) // 2) if record else "0",
         ]
+        if record:
+            args.extend(outcome)
         if event is not None:
             for k, v in event.to_entry().items():
                 args.append(k)
                 args.append(v)
-        skeys = [
-            keys.inflight,
-            keys.reserved,
-            keys.spent(period),
-            keys.rate_tokens,
-            self.stream,
-        ]
-        for attempt in range(4):  # idempotent per request id, so a lost reply is safe to repeat
+        marker = settled_key(settle.request_id)
+        record_key = claim.key if claim is not None else marker  # only written when `record`
+        skeys = [keys.inflight, keys.reserved, keys.spend, keys.spend_gen, keys.rate_tokens, self.stream, marker,
+                 record_key]  # fmt: skip
+        for attempt in range(SETTLE_ATTEMPTS):
             try:
-                await self.redis.evalsha(SETTLE, skeys, args)
+                reply = await self.redis.evalsha(SETTLE, skeys, args)
                 break
             except RedisUnavailable:
-                if attempt == 3:
+                if attempt == SETTLE_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
-        if event is not None:
+        if record and claim is not None:
+            claim.stored = True
+        if event is not None and SettleCode(reply[0]) is SettleCode.SETTLED:
             self._child(m.USAGE_EVENTS, event.outcome).inc()
         released = self._released.pop(agent.ref, None)
         if released is not None:
@@ -717,6 +864,38 @@ class Gateway:
         except UpstreamBroken:
             return _Upstream(502, b"", b"application/json", True, "upstream_error", 0.0)
         return _Upstream(status, body, ctype, True, "ok" if status < 400 else "upstream_error", 0.0)
+
+
+@dataclass
+class _Settle:
+    """One settle.lua call: cost in base units, the token correction, the event (None: not reached)."""
+
+    request_id: str
+    cost: int
+    token_delta: int
+    event: UsageEvent | None
+    outcome: tuple[str | bytes, ...] | None = None  # Idempotency-Key: field, value… stored with the event
+
+
+def _outcome(upstream: _Upstream, request_id: str, remaining: str | None) -> tuple[str | bytes, ...]:
+    return ("status", str(upstream.status), "ctype", upstream.content_type, "body", upstream.body,
+            "event", request_id, "remaining", remaining or "")  # fmt: skip
+
+
+def _idempotency_header(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"idempotency-key":
+            key: str = value.decode("latin-1").strip()
+            if not key or len(key) > IDEMPOTENCY_KEY_MAX:
+                msg = f"Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX} characters"
+                raise Reject(400, "invalid_idempotency_key", msg, param="Idempotency-Key")
+            return key
+    return None
+
+
+def _fingerprint(path: str, body: bytes) -> str:
+    """What makes a retry the same request: its path and its exact body."""
+    return hashlib.sha256(path.encode() + b"\n" + body).hexdigest()
 
 
 @dataclass

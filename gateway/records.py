@@ -8,11 +8,26 @@ Pure: key names and the encoding of an Agent's configuration. Keys (``{a}`` is
 - ``openledger:agent:{a}`` (hash): the configuration below, with ``version``.
 - ``openledger:agent-inflight:{a}`` (zset request id -> expiry µs): concurrency slots;
   ``openledger:agent-reserved:{a}`` (hash request id -> reserved base units, plus
-  field ``_total``): budget reservations of the requests in flight.
-- ``openledger:agent-spent:{a}:<period>``: base units spent in that budget period.
+  field ``_total``): budget reservations of the requests in flight. Revocation leaves
+  both to expire (:meth:`AgentKeys.in_flight_keys`) so requests in flight still settle.
+- ``openledger:agent-spend:{a}`` (hash ``period`` -> period id, ``spent`` -> base
+  units spent in that period; no TTL). Only the operator creates it, after rebuilding
+  the spend from the ledger and the stream; absent = "spend unknown", and a budgeted
+  admission answers 503 ``spend_restoring`` until it exists. A settle that finds it
+  absent increments ``openledger:agent-spend-gen:{a}`` instead (the operator's rebuild
+  uses that counter to notice settles that ran during its scan).
+- ``openledger:settled:<request id>``: settle.lua's marker (with a TTL); settling is
+  idempotent by it, not by the reservation's existence.
+- ``openledger:idem:{a}:<sha256 of the Idempotency-Key>`` (hash, TTL): a request's
+  claim (``state`` running, ``fp`` body fingerprint, ``owner`` request id), then its
+  stored outcome (``state`` done, ``status``, ``ctype``, ``body``, ``event``, ``remaining``).
 - ``openledger:agent-rl:{a}:req`` / ``:tok``: GCRA TATs (µs).
 - ``openledger:agent-queue:{a}`` (stream): requests waiting for a slot (bounded by maxDepth).
 - ``openledger:agent-stats:{a}`` (hash): counters for status (``rate_limited``…).
+
+Every amount of money in Redis is a decimal integer string in base units (any size
+below 10**78, the ledger's NUMERIC(78,0)); the Lua scripts compare and add such
+strings digit by digit and never turn them into Lua numbers.
 """
 
 from __future__ import annotations
@@ -23,14 +38,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 __all__ = [
+    "MONEY_LIMIT",
     "PERIODS",
     "AgentConfig",
     "AgentKeys",
     "apikey_key",
-    "choose_quantum",
     "hash_api_key",
+    "idempotency_key",
     "period_bounds_s",
     "period_id",
+    "settled_key",
 ]
 
 PERIODS = ("Hour", "Day", "Month")
@@ -64,8 +81,13 @@ class AgentKeys:
     def reserved(self) -> str:
         return f"openledger:agent-reserved:{self.ref}"
 
-    def spent(self, period: str) -> str:
-        return f"openledger:agent-spent:{self.ref}:{period}"
+    @property
+    def spend(self) -> str:
+        return f"openledger:agent-spend:{self.ref}"
+
+    @property
+    def spend_gen(self) -> str:
+        return f"openledger:agent-spend-gen:{self.ref}"
 
     @property
     def rate_requests(self) -> str:
@@ -84,30 +106,36 @@ class AgentKeys:
         return f"openledger:agent-stats:{self.ref}"
 
     def all_static(self) -> list[str]:
-        """Keys removed when the Agent is deleted (spent keys expire on their own)."""
+        """Keys removed when the Agent is deleted.
+
+        Not the in-flight keys (:meth:`in_flight_keys`: left to expire, so requests in
+        flight still settle and are metered) nor the spend hash and its counter.
+        """
         return [
             self.config,
-            self.inflight,
-            self.reserved,
             self.rate_requests,
             self.rate_tokens,
             self.queue,
             self.stats,
         ]
 
+    def in_flight_keys(self) -> list[str]:
+        """The concurrency slots and reservations: revocation sets a PEXPIRE on these."""
+        return [self.inflight, self.reserved]
+
+
+def settled_key(request_id: str) -> str:
+    """settle.lua's marker of a settled request (idempotency of settle)."""
+    return f"openledger:settled:{request_id}"
+
+
+def idempotency_key(ref: str, client_key: str) -> str:
+    """The record of one Agent's ``Idempotency-Key`` (the client's key is hashed: any bytes, bounded length)."""
+    return f"openledger:idem:{ref}:{hashlib.sha256(client_key.encode()).hexdigest()}"
+
 
 QUEUE_GROUP = "gateway"
-
-
-QUANTA_MAX = 2**50
-
-
-def choose_quantum(budget_base_units: int | None) -> int:
-    """The smallest power of ten that keeps ``budget / quantum`` below 2**50."""
-    quantum = 1
-    while budget_base_units is not None and budget_base_units // quantum >= QUANTA_MAX:
-        quantum *= 10
-    return quantum
+MONEY_LIMIT = 10**78  # amounts are below this (the ledger's NUMERIC(78,0))
 
 
 def period_id(period: str, now_s: float) -> str:
@@ -150,9 +178,6 @@ class AgentConfig:
     tokens_per_minute: int = 0  # 0 = unlimited
     max_concurrency: int = 0  # 0 = unlimited
     budget_base_units: int | None = None  # None = no budget
-    # Redis counts budget in quanta of this many base units, so every amount stays
-    # below 2**50 (exact in Lua's doubles). Costs round up, the budget rounds down.
-    budget_quantum: int = 1
     budget_period: str = "Day"
     budget_enforcement: str = "Hard"
     queue_max_depth: int = 0
@@ -166,15 +191,8 @@ class AgentConfig:
         return self.ref.split("/", 1)[0]
 
     def __post_init__(self) -> None:
-        if self.budget_base_units is not None and self.budget_base_units // self.budget_quantum >= QUANTA_MAX:
-            raise ValueError("agent config: budget / quantum must stay below 2**50 (use choose_quantum)")
-
-    @property
-    def budget_quanta(self) -> int | None:
-        return None if self.budget_base_units is None else self.budget_base_units // self.budget_quantum
-
-    def cost_quanta(self, cost_base_units: int) -> int:
-        return -(-cost_base_units // self.budget_quantum)
+        if self.budget_base_units is not None and not 0 <= self.budget_base_units < MONEY_LIMIT:
+            raise ValueError("agent config: budget must be a base-unit amount in [0, 10**78)")
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -186,7 +204,6 @@ class AgentConfig:
             "tpm": str(self.tokens_per_minute),
             "max_concurrency": str(self.max_concurrency),
             "budget": "" if self.budget_base_units is None else str(self.budget_base_units),
-            "quantum": str(self.budget_quantum),
             "period": self.budget_period,
             "enforcement": self.budget_enforcement,
             "queue_max_depth": str(self.queue_max_depth),
@@ -212,7 +229,6 @@ class AgentConfig:
                 tokens_per_minute=int(f["tpm"]),
                 max_concurrency=int(f["max_concurrency"]),
                 budget_base_units=int(f["budget"]) if f["budget"] else None,
-                budget_quantum=int(f.get("quantum", "1")),
                 budget_period=f["period"],
                 budget_enforcement=f["enforcement"],
                 queue_max_depth=int(f["queue_max_depth"]),

@@ -153,6 +153,22 @@ class RedisClient:
         finally:
             timer.cancel()
 
+    async def execute_many(self, *commands: Sequence[str | bytes | int | float]) -> list[Any]:
+        """Send the commands in this order in one write; their replies in order (any error raises)."""
+        proto = await self._connection()
+        futures = [proto.send(_pack(tuple(c))) for c in commands]
+        timeout_s = self.command_timeout_s
+        timers = [proto.loop.call_later(timeout_s, _expire, f, c[0]) for f, c in zip(futures, commands, strict=True)]
+        try:
+            replies = list(await asyncio.gather(*futures, return_exceptions=True))
+        finally:
+            for timer in timers:
+                timer.cancel()
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
+
     async def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int | float]) -> Any:
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)

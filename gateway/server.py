@@ -1,15 +1,31 @@
-"""``openledger gateway``: run the ASGI gateway on uvicorn (uvloop + httptools)."""
+"""``openledger gateway``: run the ASGI gateway on uvicorn (uvloop + httptools).
+
+On SIGTERM uvicorn stops accepting and waits ``graceful_shutdown_s`` for requests
+in flight, longer than any admitted request can take (``lifetimes.py``), so a
+rollout never cuts a completion off unmetered. The chart's preStop sleep and
+terminationGracePeriodSeconds are sized around it.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import click
 
-from openledger.settings import get_settings
+from openledger.gateway.lifetimes import shutdown_timeout_s
+from openledger.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+
+def graceful_shutdown_s(settings: Settings) -> float:
+    """The setting when given, else derived from the timeouts (always longer than the upstream timeout)."""
+    if settings.gateway_shutdown_timeout_s is not None:
+        return settings.gateway_shutdown_timeout_s
+    wait_s = settings.gateway_durability_timeout_ms / 1000
+    return shutdown_timeout_s(settings.gateway_upstream_timeout_s, settings.gateway_redis_timeout_s, wait_s)
 
 
 def run(host: str, port: int, metrics_port: int | None, cpu: int | None = None) -> None:
@@ -37,7 +53,7 @@ def run(host: str, port: int, metrics_port: int | None, cpu: int | None = None) 
         date_header=False,
         log_config=None,
         backlog=4096,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=math.ceil(graceful_shutdown_s(settings)),
     )
     log.info("gateway listening", extra={"action": "start", "port": port, "usage_stream": settings.usage_stream})
     uvicorn.Server(config).run()

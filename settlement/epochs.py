@@ -22,7 +22,8 @@ previous epoch's leaf reaches ``minPayout``; until then smaller amounts roll ove
 accumulating, to later epochs. A leaf never goes down (a reversal after a payout
 shows as a negative ledger balance instead).
 
-Closing entry (at settlement, one ``transfer`` journal entry per settled epoch):
+Closing entry (at settlement, one ``transfer`` journal entry per settled epoch,
+posted by ``ledger.journal.post`` like every other entry):
 each payee's account is debited the increase of its leaf and
 ``external:distributor:<pool>`` is credited the sum, so a payee's ledger balance
 is always "earned, not yet in a confirmed root" and the distributor account is
@@ -44,9 +45,8 @@ from typing import Any
 import psycopg
 
 from openledger.settlement.errors import invariant
-from openledger.settlement.ledger import queries
+from openledger.settlement.ledger import journal, queries
 from openledger.settlement.ledger import split as sp
-from openledger.settlement.ledger.writer import JOURNAL_LOCK_KEY
 from openledger.settlement.merkle import MerkleTree, build_tree
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ def commit_settlement(conn: Conn, pool: str, epoch: int, tx_hash: str | None) ->
 
 
 def _post_closing_entry(conn: Conn, pool: str, epoch: int, increases: Mapping[str, int]) -> int:
-    total = sum(increases.values())
+    """The epoch's closing entry through ``journal.post`` (lock, ids, postings, balances, sum-to-zero)."""
     accounts = [k for a in increases for k in (sp.owner_account(a), sp.contributor_account(a))]
     balances = {
         str(k): int(v)
@@ -317,49 +317,11 @@ def _post_closing_entry(conn: Conn, pool: str, epoch: int, increases: Mapping[st
         ).fetchall()
     }
     debits = allocate_debits(increases, balances)
-    target = distributor_account(pool)
     postings = {account: -amount for account, amount in debits.items()}
-    postings[target] = postings.get(target, 0) + total
-    invariant(sum(postings.values()) == 0, f"closing entry of {pool} epoch {epoch} does not balance")
-    locked = conn.execute(
-        "SELECT pg_advisory_xact_lock_shared(%s), nextval('journal_entry_id_seq')", (JOURNAL_LOCK_KEY,)
-    ).fetchone()
-    assert locked is not None
-    entry_id = int(locked[1])
-    conn.execute(
-        "INSERT INTO journal_entries (id, kind, pool, event_count, amount, memo)"
-        " VALUES (%s, 'transfer', '', 0, %s, %s)",
-        (entry_id, total, f"settlement {pool} epoch {epoch}"),
-    )
-    kind, ref = sp.parse_account(target)
-    conn.execute(
-        "INSERT INTO accounts (key, kind, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (target, kind, ref)
-    )
-    for account in postings:
-        if account not in balances and account != target:
-            k, r = sp.parse_account(account)
-            conn.execute(
-                "INSERT INTO accounts (key, kind, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (account, k, r)
-            )
-    with conn.cursor().copy("COPY postings (entry_id, account, pool, amount) FROM STDIN") as copy:
-        for account, amount in postings.items():
-            copy.write_row((entry_id, account, "", amount))
-    conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS settlement_balance_delta (account text, amount numeric) ON COMMIT DROP"
-    )
-    with conn.cursor().copy("COPY settlement_balance_delta (account, amount) FROM STDIN") as copy:
-        for account, amount in postings.items():
-            copy.write_row((account, amount))
-    conn.execute(
-        "INSERT INTO account_balances (account, balance, last_entry_id)"
-        " SELECT account, amount, %s FROM settlement_balance_delta"
-        " ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + EXCLUDED.balance,"
-        " last_entry_id = GREATEST(account_balances.last_entry_id, EXCLUDED.last_entry_id), updated_at = now()",
-        (entry_id,),
-    )
-    check = conn.execute("SELECT sum(amount)::text FROM postings WHERE entry_id = %s", (entry_id,)).fetchone()
-    invariant(check is not None and int(check[0]) == 0, f"closing entry {entry_id} does not balance")
-    return entry_id
+    target = distributor_account(pool)
+    postings[target] = postings.get(target, 0) + sum(increases.values())
+    entry = journal.Entry(kind="transfer", postings=postings, memo=f"settlement {pool} epoch {epoch}")
+    return journal.post(conn, [entry]).first_id
 
 
 __all__ = [

@@ -10,6 +10,7 @@
 | openledger_settlement_fee_bumps_total | counter | — | replacement transactions with higher EIP-1559 fees |
 | openledger_settlement_reorgs_total | counter | — | receipts that vanished or moved to another block |
 | openledger_settlement_chain_errors_total | counter | operation | failed RPC calls (chain down, timeouts, errors) |
+| openledger_settlement_database_up | gauge | pool | 1: the pool's last pass reached PostgreSQL; 0: it could not |
 
 Amounts are gauges of base units (floats lose precision past 2**53, which is fine
 for alerting; the ledger has the exact numbers).
@@ -40,9 +41,16 @@ TRANSACTIONS = Counter(
 FEE_BUMPS = Counter("openledger_settlement_fee_bumps", "Replacement transactions with higher fees", registry=REGISTRY)
 REORGS = Counter("openledger_settlement_reorgs", "Receipts that vanished or changed block", registry=REGISTRY)
 CHAIN_ERRORS = Counter("openledger_settlement_chain_errors", "Failed chain RPC calls", ["operation"], registry=REGISTRY)
+DATABASE_UP = Gauge(
+    "openledger_settlement_database_up",
+    "1 when the pool's last settler pass reached PostgreSQL, 0 when it could not",
+    ["pool"],
+    registry=REGISTRY,
+)
 
 __all__ = [
     "CHAIN_ERRORS",
+    "DATABASE_UP",
     "EPOCHS_SETTLED",
     "FEE_BUMPS",
     "LAG_EPOCHS",

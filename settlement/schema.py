@@ -12,6 +12,11 @@ these tables hold what the settler adds to it:
   cutoff (the base of ``pendingAmount``, including amounts rolled over by ``minPayout``).
 - ``settlement_payouts``: per pool, epoch and payee address the cumulative
   amount of the epoch's tree and its Merkle proof (what claims are served from).
+- ``settlement_pools`` (revision ``0300_settlement_identity``): the chain identity
+  a pool's settlement state belongs to — chain id, distributor, token, epoch
+  length — recorded by its first settler pass and never changed. One distributor
+  serves one pool (unique), so no edit or re-creation can publish a pool's
+  cumulative history to a contract that did not pay it.
 """
 
 from __future__ import annotations
@@ -95,11 +100,24 @@ settlement_epoch_totals = Table(
     PrimaryKeyConstraint("pool", "epoch", name="pk_settlement_epoch_totals"),
 )
 
+settlement_pools = Table(
+    "settlement_pools",
+    metadata,
+    Column("pool", Text, primary_key=True),  # namespace/name
+    Column("chain_id", BigInteger, nullable=False),
+    Column("distributor", Text, nullable=False),  # 0x… lower-case
+    Column("token", Text, nullable=False),  # 0x… lower-case
+    Column("epoch_seconds", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("chain_id", "distributor", name="uq_settlement_pools_distributor"),
+)
+
 __all__ = [
     "TX_STATES",
     "metadata",
     "settlement_epoch_totals",
     "settlement_nonces",
     "settlement_payouts",
+    "settlement_pools",
     "settlement_txs",
 ]

@@ -1,15 +1,16 @@
--- Admission: auth check, config version, GCRA (requests and tokens), concurrency
--- slot, FIFO queue and budget reservation, all-or-nothing in one call.
--- The pure reference of the limiter math is openledger/gateway/gcra.py.
+-- Admission: auth check, config version, spend known, GCRA (requests and
+-- tokens), concurrency slot, FIFO queue and budget reservation, all-or-nothing
+-- in one call. The pure reference of the limiter math is openledger/gateway/gcra.py.
+-- Prepended: money.lua (money, money_sum, money_cmp, money_add, money_sub).
 --
--- KEYS: 1 apikey  2 agent config  3 inflight zset  4 reserved hash  5 spent
+-- KEYS: 1 apikey  2 agent config  3 inflight zset  4 reserved hash  5 spend hash
 --       6 rl:req  7 rl:tok  8 queue stream  9 stats
 -- ARGV: 1 agent ref  2 config version  3 request id  4 now µs ("" = Redis TIME)
 --       5 requests/s  6 burst  7 tokens/s  8 token burst  9 token cost
---       10 max concurrency (0 = none)  11 in-flight ttl µs  12 reserve (budget quanta)
---       13 budget quanta ("" = none)  14 hard (1/0)  15 spent ttl s
+--       10 max concurrency (0 = none)  11 in-flight ttl µs  12 reserve (base units)
+--       13 budget (base units, "" = none)  14 hard (1/0)  15 current period id
 --       16 queue max depth  17 queue entry id ("" = first attempt)  18 queue deadline µs
--- Returns {code, a, b}:
+-- Returns {code, a, b} (codes: AdmitCode in openledger/gateway/scripts.py):
 --   1 admitted {1, budget remaining ("" none), now}
 --  -1 unknown or revoked key      -2 stale config version
 --  -3 rate limited {-3, retry after µs, 1 requests | 2 tokens}
@@ -17,12 +18,27 @@
 --  -5 budget exhausted {-5, remaining}
 --  -6 queued {-6, entry id}       -7 queue full
 --  -8 still waiting (queued, no slot for this entry yet)
+--  -9 spend unknown: the Agent has a budget but no spend record (Redis lost it;
+--     the operator is rebuilding it from the ledger)
 
-local function fmt(x) return string.format('%.0f', x) end
+local function fmt_us(x) return string.format('%.0f', x) end -- times in µs, never money
 
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 local version = redis.call('HGET', KEYS[2], 'version')
 if version ~= ARGV[2] then return {-2} end
+
+local reserve = money(ARGV[12], 'reserve')
+local budget = ARGV[13] ~= '' and money(ARGV[13], 'budget') or nil
+local entry = ARGV[17]
+local spent = '0'
+if budget then
+  local spend = redis.call('HMGET', KEYS[5], 'period', 'spent')
+  if not spend[1] then
+    if entry ~= '' then redis.call('XDEL', KEYS[8], entry) end
+    return {-9}
+  end
+  if spend[1] == ARGV[15] then spent = money_sum(spend[2] or '0', 'spent') end -- else a new period began
+end
 
 local now
 if ARGV[4] ~= '' then
@@ -31,15 +47,15 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local entry = ARGV[17]
 
 -- Reclaim slots and reservations of requests whose gateway died (ttl passed).
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 32)
 for _, id in ipairs(expired) do
   local amount = redis.call('HGET', KEYS[4], id)
   if amount then
+    local total = money_sum(redis.call('HGET', KEYS[4], '_total') or '0', 'reserved total')
     redis.call('HDEL', KEYS[4], id)
-    redis.call('HINCRBY', KEYS[4], '_total', -tonumber(amount))
+    redis.call('HSET', KEYS[4], '_total', money_sub(total, money_sum(amount, 'reservation')))
   end
   redis.call('ZREM', KEYS[3], id)
 end
@@ -106,25 +122,23 @@ if max_conc > 0 then
 end
 
 -- Budget: spent this period + reservations in flight + this reservation.
+local reserved = money_sum(redis.call('HGET', KEYS[4], '_total') or '0', 'reserved total')
 local remaining = ''
-local reserve = tonumber(ARGV[12])
-if ARGV[13] ~= '' then
-  local spent = tonumber(redis.call('GET', KEYS[5]) or '0')
-  local reserved = tonumber(redis.call('HGET', KEYS[4], '_total') or '0')
-  local left = tonumber(ARGV[13]) - spent - reserved
-  if ARGV[14] == '1' and reserve > left then
+if budget then
+  local committed = money_add(spent, reserved)
+  local after = money_add(committed, reserve)
+  if ARGV[14] == '1' and money_cmp(after, budget) > 0 then
     leave_queue()
     redis.call('HINCRBY', KEYS[9], 'budget_rejected', 1)
-    return {-5, fmt(left)}
+    return {-5, money_sub(budget, committed)}
   end
-  remaining = fmt(left - reserve)
+  remaining = money_sub(budget, after)
 end
 
 -- Commit.
 leave_queue()
-if tat_r then redis.call('SET', KEYS[6], fmt(tat_r), 'PX', math.ceil((tat_r - now) / 1000) + 1000) end
-if tat_t then redis.call('SET', KEYS[7], fmt(tat_t), 'PX', math.ceil((tat_t - now) / 1000) + 1000) end
-redis.call('ZADD', KEYS[3], fmt(now + tonumber(ARGV[11])), ARGV[3])
-redis.call('HSET', KEYS[4], ARGV[3], fmt(reserve))
-redis.call('HINCRBY', KEYS[4], '_total', fmt(reserve))
-return {1, remaining, fmt(now)}
+if tat_r then redis.call('SET', KEYS[6], fmt_us(tat_r), 'PX', math.ceil((tat_r - now) / 1000) + 1000) end
+if tat_t then redis.call('SET', KEYS[7], fmt_us(tat_t), 'PX', math.ceil((tat_t - now) / 1000) + 1000) end
+redis.call('ZADD', KEYS[3], fmt_us(now + tonumber(ARGV[11])), ARGV[3])
+redis.call('HSET', KEYS[4], ARGV[3], reserve, '_total', money_add(reserved, reserve))
+return {1, remaining, fmt_us(now)}

@@ -1,40 +1,71 @@
--- Settlement of one admitted request: charge the actual cost, release the
--- concurrency slot and the reservation, correct the token limiter to the
--- actual count and XADD the usage event — atomically, exactly once per request
--- id (a repeated call finds no reservation and does nothing).
+-- Settlement of one request: charge the actual cost, release the concurrency
+-- slot and the reservation, correct the token limiter to the actual count, XADD
+-- the usage event and (with an Idempotency-Key) store the outcome — atomically,
+-- exactly once per request id. Idempotent by its own marker, not by the
+-- reservation: a request whose reservation is gone (Redis flushed or failed over
+-- mid-request, the Agent deleted) is still charged and metered once; a repeated
+-- call finds the marker and changes nothing.
+-- Prepended: money.lua (money, money_sum, money_cmp, money_add, money_sub).
 --
--- KEYS: 1 inflight zset  2 reserved hash  3 spent  4 rl:tok  5 usage stream
--- ARGV: 1 request id  2 cost (budget quanta)  3 spent ttl s  4 token delta
---       5 tokens/s (0 = unlimited)  6 emit (1/0)  7.. usage event field, value…
--- Returns 1 when settled now, 0 when it had already been settled.
+-- KEYS: 1 inflight zset  2 reserved hash  3 spend hash  4 spend generation
+--       5 rl:tok  6 usage stream  7 settled marker  8 idempotency record
+-- ARGV: 1 request id  2 cost (base units)  3 current period id  4 marker ttl s
+--       5 token delta  6 tokens/s (0 = unlimited)  7 emit (1/0)
+--       8 idempotency ttl ms ("" = no record)  9 n = number of outcome fields
+--       10 .. 9+2n outcome field, value…  then usage event field, value…
+-- Returns {1, stream entry id ("" without an event)} when settled now
+-- (SettleCode.SETTLED), {0} when it had already been settled (ALREADY_SETTLED).
+
+if redis.call('EXISTS', KEYS[7]) == 1 then return {0} end
+local cost = money(ARGV[2], 'cost')
+local emit = ARGV[7] == '1'
 
 local amount = redis.call('HGET', KEYS[2], ARGV[1])
-if not amount then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[2], '_total', -tonumber(amount))
+if amount then
+  local total = money_sum(redis.call('HGET', KEYS[2], '_total') or '0', 'reserved total')
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HSET', KEYS[2], '_total', money_sub(total, money_sum(amount, 'reservation')))
+end
 redis.call('ZREM', KEYS[1], ARGV[1])
 
-local cost = tonumber(ARGV[2])
-if cost > 0 then
-  redis.call('INCRBY', KEYS[3], ARGV[2])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-end
-
-local delta = tonumber(ARGV[4])
-local rate = tonumber(ARGV[5])
-if delta ~= 0 and rate > 0 then
-  local tat = redis.call('GET', KEYS[4])
-  if tat then
-    local ttl = redis.call('PTTL', KEYS[4])
-    local shift = delta * 1000000 / rate
-    local new_tat = math.ceil(tonumber(tat) + shift)
-    redis.call('SET', KEYS[4], string.format('%.0f', new_tat), 'PX', math.max(1000, ttl + math.ceil(shift / 1000)))
+if cost ~= '0' then
+  local period = redis.call('HGET', KEYS[3], 'period')
+  if not period then
+    -- Spend unknown: never create it (the operator rebuilds it from the ledger and
+    -- the stream); tell its rebuild that a settle ran meanwhile.
+    redis.call('INCR', KEYS[4])
+  elseif period == ARGV[3] then
+    local spent = money_sum(redis.call('HGET', KEYS[3], 'spent') or '0', 'spent')
+    redis.call('HSET', KEYS[3], 'spent', money_add(spent, cost))
+  else
+    redis.call('HSET', KEYS[3], 'period', ARGV[3], 'spent', cost)
   end
 end
 
-if ARGV[6] == '1' then
-  local fields = {}
-  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
-  redis.call('XADD', KEYS[5], '*', unpack(fields))
+local delta = tonumber(ARGV[5])
+local rate = tonumber(ARGV[6])
+if delta ~= 0 and rate > 0 then
+  local tat = redis.call('GET', KEYS[5])
+  if tat then
+    local ttl = redis.call('PTTL', KEYS[5])
+    local shift = delta * 1000000 / rate
+    local new_tat = math.ceil(tonumber(tat) + shift)
+    redis.call('SET', KEYS[5], string.format('%.0f', new_tat), 'PX', math.max(1000, ttl + math.ceil(shift / 1000)))
+  end
 end
-return 1
+
+local n = tonumber(ARGV[9])
+local entry_id = ''
+if emit then
+  local fields = {}
+  for i = 10 + 2 * n, #ARGV do fields[#fields + 1] = ARGV[i] end
+  entry_id = redis.call('XADD', KEYS[6], '*', unpack(fields))
+  if ARGV[8] ~= '' then
+    local outcome = {'state', 'done'}
+    for i = 10, 9 + 2 * n do outcome[#outcome + 1] = ARGV[i] end
+    redis.call('HSET', KEYS[8], unpack(outcome))
+    redis.call('PEXPIRE', KEYS[8], ARGV[8])
+  end
+end
+redis.call('SET', KEYS[7], '1', 'EX', ARGV[4])
+return {1, entry_id}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,16 @@ class Settings(BaseSettings):
     gateway_retry_ratio: float = 0.1
     gateway_route_cache_s: float = 1.0
     gateway_agent_cache_s: float = 30.0
+    gateway_redis_timeout_s: float = 5.0  # per Redis command; a reply later than this counts as lost
+    # When a usage event counts as durable before the answer leaves (issue 10): none (Redis
+    # memory only) | aof (the server runs appendfsync always) | waitaof (WAITAOF 1 0, Redis
+    # 7.2+) | wait (WAIT 1: one replica has it). Figures behind the default: README.
+    gateway_durability: Literal["none", "aof", "waitaof", "wait"] = "aof"
+    gateway_durability_timeout_ms: int = Field(default=1000, ge=1)
+    gateway_settled_marker_ttl_s: int = Field(default=86400, ge=60)  # settle's idempotency marker
+    gateway_idempotency_window_s: int = Field(default=86400, ge=1)  # Idempotency-Key outcomes kept
+    # uvicorn's graceful shutdown; None = derived from the timeouts (gateway/lifetimes.py).
+    gateway_shutdown_timeout_s: float | None = None
 
     # Operator (controllers/runner.py). Leader election: one replica acts, others wait.
     operator_namespace: str = "default"  # where the leader-election Lease lives (the pod's namespace)
@@ -84,6 +95,7 @@ class Settings(BaseSettings):
     ledger_max_deliveries: int = 5  # a message failing this many deliveries goes to the dead-letter stream
     ledger_metrics_port: int = 9110  # 0: no metrics server
     ledger_verify_interval_s: float = 300.0  # quick verify in the worker; 0 disables
+    ledger_trim_interval_s: float = 10.0  # XTRIM MINID of what every consumer group acknowledged; 0 disables
     ledger_upgrade_on_start: bool = True  # the worker runs `db upgrade` before consuming
     # Testing only: pause this long before COMMIT or between COMMIT and XACK (crash windows).
     ledger_test_pause_s: float = 0.0

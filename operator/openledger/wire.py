@@ -291,6 +291,9 @@ class UsageEvent:
         expected = price.cost(event.input_tokens, event.output_tokens) if outcome == "ok" else 0
         if event.cost != expected:
             raise ValueError(f"usage event: field 'cost' is {event.cost}, the price snapshot and tokens say {expected}")
-        if sum(c.share_bps for c in contributors) + event.fee_bps > 10_000:
-            raise ValueError("usage event: fields 'contributors' and 'fee_bps' share more than 10000 bps")
+        # The split takes the fee first, then the shares of the rest: each is bounded on its own.
+        if event.fee_bps > 10_000:
+            raise ValueError("usage event: field 'fee_bps' is more than 10000 bps")
+        if sum(c.share_bps for c in contributors) > 10_000:
+            raise ValueError("usage event: field 'contributors' shares more than 10000 bps")
         return event

@@ -141,8 +141,10 @@ def ledger_reverse(event_id: str, memo: str, database_url: str | None) -> None:
 @ledger_group.command("verify")
 @click.option("--quick", is_flag=True, help="SQL checks only (no split recomputation, no stream).")
 @click.option("--no-stream", is_flag=True, help="Skip reconciling with the Redis stream.")
+@click.option("--no-chain", is_flag=True, help="Skip checking each pool's distributor on the chain.")
+@click.option("--rpc-url", default=None, help="The chain's JSON-RPC URL (default: ETH_RPC_URL).")
 @_db_option
-def ledger_verify(quick: bool, no_stream: bool, database_url: str | None) -> None:
+def ledger_verify(quick: bool, no_stream: bool, no_chain: bool, rpc_url: str | None, database_url: str | None) -> None:
     """Check the ledger; exit 1 and say where on any drift."""
     from openledger.settings import get_settings
     from openledger.settlement.ledger import db
@@ -157,6 +159,7 @@ def ledger_verify(quick: bool, no_stream: bool, database_url: str | None) -> Non
             stream=s.usage_stream,
             group=s.usage_consumer_group,
             dead_letter_stream=s.usage_dead_letter_stream,
+            rpc_url=None if (quick or no_chain) else (rpc_url or s.eth_rpc_url),
         )
     for key, value in sorted(report.stats.items()):
         click.echo(f"{key}: {value}")
@@ -164,6 +167,39 @@ def ledger_verify(quick: bool, no_stream: bool, database_url: str | None) -> Non
         click.echo(str(drift))
     click.echo("OK: no drift" if report.ok else f"FAILED: {len(report.drifts)} drift(s)")
     sys.exit(0 if report.ok else 1)
+
+
+@ledger_group.command("replay-dead")
+@click.option("--dry-run", is_flag=True, help="Write each entry in a transaction that is rolled back; remove nothing.")
+@_db_option
+def ledger_replay_dead(dry_run: bool, database_url: str | None) -> None:
+    """Move dead-lettered usage entries back through ingest (idempotent: again changes nothing).
+
+    Each entry is parsed and written like a fresh one, exactly once by its event
+    id; one that is now ingested (or already in the ledger, or quarantined) is
+    removed from the dead-letter stream, one that is still poison stays, with
+    its reason. Prints one line per entry and the counts; exits 1 when some
+    entries stay in the dead-letter stream, 2 when PostgreSQL or Redis is
+    unavailable (what was replayed so far stays replayed: run it again).
+    """
+    import psycopg
+
+    from openledger.settlement.ledger.redisraw import RedisReplyError
+    from openledger.settlement.ledger.worker import REPLAY_OUTCOMES, WorkerConfig, replay_dead
+
+    config = WorkerConfig.from_settings(database_url=database_url)
+    try:
+        outcomes = replay_dead(config, dry_run=dry_run)
+    except (OSError, ConnectionError, psycopg.Error, RedisReplyError) as exc:
+        click.echo(f"replay stopped, the rest stays in the dead-letter stream (run it again): {exc}", err=True)
+        sys.exit(2)
+    click.echo("dead_id\tstream_id\tevent_id\toutcome\treason")
+    for o in outcomes:
+        click.echo(f"{o.dead_id}\t{o.stream_id}\t{o.event_id}\t{o.outcome}\t{o.reason}")
+    counts = {name: sum(o.outcome == name for o in outcomes) for name in REPLAY_OUTCOMES}
+    summary = ", ".join(f"{name} {n}" for name, n in counts.items())
+    click.echo(f"{'dry run, nothing changed: ' if dry_run else ''}{len(outcomes)} dead-letter entries: {summary}")
+    sys.exit(1 if counts["still-dead"] or counts["other-stream"] else 0)
 
 
 @click.command("ledger-worker")

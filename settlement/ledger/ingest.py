@@ -125,12 +125,30 @@ def _digits(value: bytes, name: str, max_digits: int) -> int:
     return int(value)
 
 
+def _text(value: bytes, name: str) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError as exc:
+        raise PoisonEvent(f"usage event: field {name!r} is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _check_utf8(values: list[bytes], names: tuple[str, ...] = USAGE_FIELDS) -> None:
+    """Raise ``PoisonEvent`` naming the first value that is not UTF-8 (PostgreSQL would refuse it)."""
+    if b"".join(values).isascii():
+        return
+    for name, value in zip(names, values, strict=False):
+        _text(value, name)
+
+
 def _unpack(packed: bytes) -> list[bytes]:
     """The raw values of a packed entry that needs the precise path (escapes, wrong count)."""
     try:
         named = unpack_usage_values(packed.decode())
     except UnicodeDecodeError:
-        raise PoisonEvent(f"usage event: field {USAGE_EVENT_FIELD!r} is not UTF-8") from None
+        values = packed.split(b"\t")
+        if len(values) == len(USAGE_FIELDS):  # name the value when the tabs are where they belong
+            _check_utf8(values)
+        raise PoisonEvent(f"usage event: field {USAGE_EVENT_FIELD!r} is not valid UTF-8") from None
     except ValueError as exc:
         raise PoisonEvent(str(exc)) from None
     return [named[name].encode() for name in USAGE_FIELDS]
@@ -223,6 +241,7 @@ class Parser:
         values = snapshot.split(b"\t")
         if len(values) != USAGE_SNAPSHOT_FIELDS:
             return None
+        _check_utf8(values)
         (agent, payer, _model, owner, _token, decimals, per_request, per_input, per_output, contributors, pool,
          fee_bps, outcome) = values  # fmt: skip
         _check_outcome(outcome)
@@ -237,7 +256,7 @@ class Parser:
     def _agent(self, agent: bytes) -> str:
         if not agent:
             raise PoisonEvent("usage event: field 'agent' is empty")
-        name = agent.decode()
+        name = _text(agent, "agent")
         if len(self._agents) >= _SHAPE_CACHE_MAX:
             self._agents.clear()
         return self._agents.setdefault(name, name)
@@ -246,6 +265,7 @@ class Parser:
         """Every check, in field order, on unescaped values in ``USAGE_FIELDS`` order."""
         (agent, payer, _model, owner, _token, decimals, per_req, per_in, per_out, contributors, pool, fee_bps,
          outcome, eid, tok_in, tok_out, cost_b, started, finished, extra) = values  # fmt: skip
+        _check_utf8(values)
         eid = eid.lower()
         if not _UUID.fullmatch(eid):
             raise PoisonEvent(f"usage event: field 'id' is not a UUID: {eid[:40].decode('utf-8', 'replace')!r}")
@@ -297,7 +317,7 @@ class Parser:
         cached = self._shapes.get(key)
         if cached is not None:
             return cached
-        payer, owner, pool = payer_b.decode(), owner_b.decode(), pool_b.decode()
+        payer, owner, pool = _text(payer_b, "payer"), _text(owner_b, "owner"), _text(pool_b, "pool")
         for name, address in (("payer", payer), ("owner", owner)):
             if not _ADDRESS.fullmatch(address):
                 raise PoisonEvent(f"usage event: field {name!r} is not an address (0x + 40 hex): {address[:50]!r}")
@@ -306,14 +326,17 @@ class Parser:
         fee_bps = _digits(fee_b, "fee_bps", 5)
         accounts: list[str] = []
         shares: list[int] = []
-        for part in filter(None, contributors_b.decode().split(",")):
+        for part in filter(None, _text(contributors_b, "contributors").split(",")):
             pieces = part.split(":")
             if len(pieces) != 3 or not pieces[1].isdigit() or not _ADDRESS.fullmatch(pieces[0]):
                 raise PoisonEvent(f"usage event: field 'contributors' is malformed: {part[:60]!r}")
             accounts.append(sp.contributor_account(pieces[0]))
             shares.append(int(pieces[1]))
-        if fee_bps > sp.BPS or sum(shares) + fee_bps > sp.BPS:
-            raise PoisonEvent("usage event: fields 'contributors' and 'fee_bps' share more than 10000 bps")
+        # The split takes the fee first, then the shares of the rest: each is bounded on its own.
+        if fee_bps > sp.BPS:
+            raise PoisonEvent("usage event: field 'fee_bps' is more than 10000 bps")
+        if sum(shares) > sp.BPS:
+            raise PoisonEvent("usage event: field 'contributors' shares more than 10000 bps")
         shape = Shape(
             pool=pool,
             fee_bps=fee_bps,
@@ -343,12 +366,40 @@ def event_id_of(kv: list[bytes]) -> bytes:
     return fields.get(b"id", b"")
 
 
-def explain_rejection(kv: list[bytes], error: PoisonEvent) -> str:
+# Fields the worker puts in front of the original ones when it dead-letters an entry.
+DEAD_LETTER_KEYS = (b"dead_stream", b"dead_id", b"dead_reason", b"dead_deliveries", b"dead_consumer")
+
+
+def dead_letter_fields(
+    stream: str, stream_id: bytes, reason: str, deliveries: int, consumer: str, kv: list[bytes]
+) -> list[bytes]:
+    """The flat field list of a dead-letter entry: where it came from and why, then the entry as it was sent."""
+    meta = [stream.encode(), stream_id, reason.encode(), b"%d" % deliveries, consumer.encode()]
+    return [x for pair in zip(DEAD_LETTER_KEYS, meta, strict=True) for x in pair] + list(kv)
+
+
+def split_dead_letter(kv: list[bytes]) -> tuple[dict[bytes, bytes], list[bytes]]:
+    """A dead-letter entry → (its ``dead_*`` fields, the original entry's flat field list)."""
+    meta: dict[bytes, bytes] = {}
+    original: list[bytes] = []
+    for key, value in zip(kv[0::2], kv[1::2], strict=False):
+        if key in DEAD_LETTER_KEYS:
+            meta[key] = value
+        else:
+            original += (key, value)
+    return meta, original
+
+
+def explain_rejection(kv: list[bytes], error: Exception) -> str:
     """The clearest reason: ``UsageEvent.from_fields``'s own message when it also rejects the entry."""
     try:
         UsageEvent.from_fields(dict(zip(kv[0::2], kv[1::2], strict=False)))
+    except UnicodeDecodeError:
+        return str(error)  # ours names the field; the codec's message does not
     except (ValueError, TypeError, KeyError) as exc:
         return str(exc)
+    except Exception:  # noqa: BLE001 - a reason must never crash the worker: keep the parser's
+        return str(error)
     return str(error)
 
 

@@ -11,7 +11,9 @@
 | openledger_ledger_duplicates_total | counter | messages whose event id was stored with the same fields (no-ops) |
 | openledger_ledger_quarantined_total | counter | messages whose event id was stored with different fields |
 | openledger_ledger_dead_lettered_total | counter | messages moved to the dead-letter stream |
-| openledger_ledger_write_retries_total | counter | batch writes retried after a temporary database error |
+| openledger_ledger_write_retries_total | counter | batch writes retried after an error of the environment |
+| openledger_ledger_stream_length_entries | gauge | entries in the usage stream (after the last trim) |
+| openledger_ledger_stream_trimmed_entries_total | counter | entries trimmed by ``XTRIM MINID`` (acked by every group) |
 | openledger_ledger_last_verify_success | gauge | 1 when the last ``ledger verify`` found no drift, else 0 |
 | openledger_ledger_last_verify_timestamp_seconds | gauge | when it ran |
 | openledger_ledger_last_verify_drifts | gauge | how many drifts it found |
@@ -55,7 +57,15 @@ DEAD_LETTERED = Counter(
     "openledger_ledger_dead_lettered_total", "Messages moved to the dead-letter stream", registry=REGISTRY
 )
 WRITE_RETRIES = Counter(
-    "openledger_ledger_write_retries_total", "Batch writes retried after a temporary database error", registry=REGISTRY
+    "openledger_ledger_write_retries_total", "Batch writes retried after an error of the environment", registry=REGISTRY
+)
+STREAM_LENGTH = Gauge(
+    "openledger_ledger_stream_length_entries", "Entries in the usage stream after the last trim", registry=REGISTRY
+)
+STREAM_TRIMMED = Counter(
+    "openledger_ledger_stream_trimmed_entries_total",
+    "Usage-stream entries trimmed after every consumer group acknowledged them",
+    registry=REGISTRY,
 )
 LAST_VERIFY_SUCCESS = Gauge(
     "openledger_ledger_last_verify_success", "1 when the last ledger verify found no drift", registry=REGISTRY

@@ -22,9 +22,10 @@ from typing import Any
 
 import psycopg
 
+from openledger.settlement.ledger import journal
 from openledger.settlement.ledger import split as sp
-from openledger.settlement.ledger.errors import LedgerError, invariant
-from openledger.settlement.ledger.writer import JOURNAL_LOCK_KEY
+from openledger.settlement.ledger.errors import LedgerError
+from openledger.settlement.ledger.journal import JOURNAL_LOCK_KEY
 
 Conn = psycopg.Connection[Any]
 
@@ -196,36 +197,10 @@ def reverse_event(conn: Conn, event_id: str, memo: str) -> int:
     postings = sp.aggregate(
         (a, -v) for a, v in sp.event_postings(int(cost), payer, owner, pool, int(fee_bps), _contributors(contributors))
     )
-    amount = sum(v for v in postings.values() if v > 0)
-    locked = conn.execute(
-        "SELECT pg_advisory_xact_lock_shared(%s), nextval('journal_entry_id_seq')", (JOURNAL_LOCK_KEY,)
-    ).fetchone()
-    assert locked is not None
-    new_id = int(locked[1])
-    conn.execute(
-        "INSERT INTO journal_entries (id, kind, pool, event_count, amount, reverses_event_id, memo) "
-        "VALUES (%s, 'reversal', %s, 1, %s, %s, %s)",
-        (new_id, pool, amount, event_id, memo),
-    )
-    for account, value in postings.items():
-        kind, ref = sp.parse_account(account)
-        conn.execute(
-            "INSERT INTO accounts (key, kind, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (account, kind, ref)
-        )
-        conn.execute(
-            "INSERT INTO postings (entry_id, account, pool, amount) VALUES (%s, %s, %s, %s)",
-            (new_id, account, pool, value),
-        )
-        conn.execute(
-            "INSERT INTO account_balances (account, balance, last_entry_id) VALUES (%s, %s, %s) "
-            "ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + EXCLUDED.balance, "
-            "last_entry_id = GREATEST(account_balances.last_entry_id, EXCLUDED.last_entry_id), updated_at = now()",
-            (account, value, new_id),
-        )
+    entry = journal.Entry("reversal", postings, pool=pool, event_count=1, memo=memo, reverses_event_id=event_id)
+    (new_id,) = journal.post(conn, [entry]).entry_ids
     conn.execute(
         "UPDATE agent_spend_hourly SET amount = amount - %s WHERE agent = %s AND hour_start = to_timestamp(%s * 3600)",
         (int(cost), agent, int(finished_at_ms) // 3_600_000),
     )
-    check = conn.execute("SELECT sum(amount)::text FROM postings WHERE entry_id = %s", (new_id,)).fetchone()
-    invariant(check is not None and int(check[0]) == 0, f"reversal entry {new_id} does not balance")
     return new_id

@@ -9,6 +9,12 @@ A usage event that cost ``C`` base units posts one balanced set of amounts:
 * the model owner is credited the rest, so every rounding remainder lands on the
   owner, deterministically, and the amounts sum to exactly zero.
 
+The split is well defined for any ``fee_bps`` ≤ 10000 and contributor shares that
+sum to ≤ 10000 (the Model CRD enforces the sum): shares are of what the fee
+leaves, so ``fee_bps + sum(shares)`` may exceed 10000 (a 5 % fee and contributors
+at 100 % pay the contributors 95 % and the owner 0). Nothing a valid spec can say
+makes an event unsplittable, so configuration never dead-letters usage.
+
 Credits are positive, debits negative. An event that cost 0 (a failed request)
 posts nothing: it is recorded in ``usage_events`` without a journal entry.
 """
@@ -76,8 +82,8 @@ def split_cost(cost: int, fee_bps: int, share_bps: Sequence[int]) -> Split:
         raise PoisonEvent(f"cost: {cost} is negative")
     if not 0 <= fee_bps <= BPS:
         raise PoisonEvent(f"fee_bps: {fee_bps} is not within 0..{BPS}")
-    if any(s < 0 for s in share_bps) or fee_bps + sum(share_bps) > BPS:
-        raise PoisonEvent(f"contributors: shares {list(share_bps)} plus fee_bps {fee_bps} exceed {BPS} bps")
+    if any(s < 0 for s in share_bps) or sum(share_bps) > BPS:
+        raise PoisonEvent(f"contributors: shares {list(share_bps)} are negative or sum to more than {BPS} bps")
     fee = cost * fee_bps // BPS
     rest = cost - fee
     contributors = tuple(rest * s // BPS for s in share_bps)

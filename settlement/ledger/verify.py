@@ -15,6 +15,13 @@ reversal is the exact negation of its event's split — and, with a Redis URL,
 every stream entry delivered and acknowledged is in the ledger (or
 dead-lettered / quarantined): counts in the stream and the ledger reconcile.
 The event id is the primary key of ``usage_events``, so no event is there twice.
+
+With an RPC URL (``rpc_url``), the chain too, per pool recorded in
+``settlement_pools`` on that chain: the distributor's cumulative total equals the
+ledger's ``external:distributor:<pool>`` balance (what the confirmed roots
+committed), and its funded total is not below it. A root confirmed on chain whose
+ledger commit is still to come (an epoch in ``publishing``/``closed`` with that
+root and total) is in flight, not drift; a pool on another chain id is skipped.
 """
 
 from __future__ import annotations
@@ -130,7 +137,7 @@ _MAX_DRIFTS_PER_CHECK = 20
 
 
 def verify(conn: Conn, *, full: bool = True, redis_url: str | None = None, stream: str = "", group: str = "",
-           dead_letter_stream: str = "") -> VerifyReport:  # fmt: skip
+           dead_letter_stream: str = "", rpc_url: str | None = None) -> VerifyReport:  # fmt: skip
     """Run the checks in one repeatable-read snapshot; set the ``last_verify`` metrics."""
     report = VerifyReport()
     # Redis first: whatever was acknowledged before this read was committed before it,
@@ -158,6 +165,8 @@ def verify(conn: Conn, *, full: bool = True, redis_url: str | None = None, strea
             _verify_splits(conn, report)
             if acked is not None:
                 _verify_stream(conn, report, stream, acked)
+        if rpc_url:
+            verify_chain(conn, report, rpc_url)
     finally:
         conn.rollback()
         conn.autocommit, conn.isolation_level, conn.read_only = saved
@@ -279,6 +288,57 @@ def _verify_stream(conn: Conn, report: VerifyReport, stream: str, acked: list[st
     report.stats.update(stream_distinct_events=len(unique), stream_missing=len(missing))
     for eid in missing[:_MAX_DRIFTS_PER_CHECK]:
         report.drifts.append(Drift("stream", f"event {eid}", f"acknowledged on {stream} but not in the ledger"))
+
+
+def verify_chain(conn: Conn, report: VerifyReport, rpc_url: str) -> None:
+    """Each pool's distributor on the chain at ``rpc_url`` against the ledger's account for it."""
+    from openledger.settlement.chain.distributor import Distributor
+    from openledger.settlement.chain.rpc import Chain, make_web3
+    from openledger.settlement.errors import ChainUnavailable
+
+    recorded = conn.execute("SELECT count(*) FROM settlement_pools").fetchone()
+    if not recorded or not recorded[0]:
+        report.stats.update(chain_pools_checked=0)
+        return  # nothing settled yet: no chain to ask
+    chain = Chain(make_web3(rpc_url))
+    try:
+        chain_id = chain.chain_id()
+    except ChainUnavailable as exc:
+        report.drifts.append(Drift("chain", "rpc", f"cannot read the chain: {exc}"))
+        return
+    rows = conn.execute(
+        "SELECT p.pool, p.distributor, coalesce(b.balance, 0)::text FROM settlement_pools p"
+        " LEFT JOIN account_balances b ON b.account = 'external:distributor:' || p.pool"
+        " WHERE p.chain_id = %s ORDER BY p.pool",
+        (chain_id,),
+    ).fetchall()
+    skipped = conn.execute("SELECT count(*) FROM settlement_pools WHERE chain_id <> %s", (chain_id,)).fetchone()
+    checked = in_flight = 0
+    for pool, distributor, balance in rows:
+        where = f"pool {pool} distributor {distributor}"
+        try:
+            state = Distributor(chain, distributor).state()
+        except ChainUnavailable as exc:
+            report.drifts.append(Drift("chain", where, f"cannot read the contract: {exc}"))
+            continue
+        checked += 1
+        ledger = int(balance)
+        if state.cumulative_total != ledger:
+            pending = conn.execute(
+                "SELECT 1 FROM epochs WHERE pool = %s AND status IN ('closed', 'publishing') AND root = %s"
+                " AND total = %s",
+                (pool, "0x" + state.root.hex(), state.cumulative_total),
+            ).fetchone()
+            if pending is not None:
+                in_flight += 1
+                continue
+            report.drifts.append(Drift("chain_cumulative", where, f"contract cumulative total"
+                                       f" {state.cumulative_total} but the ledger's account {ledger}"))  # fmt: skip
+        if state.funded < max(state.cumulative_total, ledger):
+            report.drifts.append(Drift("chain_funded", where, f"contract funded {state.funded} below cumulative"
+                                       f" {state.cumulative_total} / ledger {ledger}"))  # fmt: skip
+    report.stats.update(chain_pools_checked=checked, chain_pools_in_flight=in_flight,
+                        chain_pools_other_chain=int(skipped[0]) if skipped else 0)  # fmt: skip
 
 
 def _sid(stream_id: bytes) -> tuple[int, int]:

@@ -18,9 +18,29 @@ been idle for ``claim_idle_ms`` and writes them again. A crash between COMMIT
 and XACK redelivers entries whose events are already stored: they are
 duplicates, a no-op. Scale out by starting more workers on the same group.
 
-A message that cannot be parsed (or whose row the database rejects) is left
-pending; when it fails on its ``max_deliveries``-th delivery it is moved to the
-dead-letter stream (``XADD`` + ``XACK`` in one ``MULTI``) with the reason.
+Poison, and only poison, is dead-lettered. An entry that cannot be parsed
+(any error of the parser: a bad value, invalid UTF-8, …) is poison on its own,
+with a reason naming the field; the other entries of its read go on. A
+database error is classified by SQLSTATE (``errors.classify_sqlstate``): an
+error of the environment (connection lost, admin shutdown, read-only standby,
+missing privilege, out of resources) is retried with backoff on a fresh
+connection for as long as it lasts, and makes nothing poison; a data error one
+row can cause (classes 22, 23, 54) makes the writer isolate that row by
+bisecting the batch and write the rest. A poison entry is left pending; when it
+fails on its ``max_deliveries``-th delivery it is moved to the dead-letter
+stream (``XADD`` + ``XACK`` in one ``MULTI``) with the reason. An entry is never
+dead-lettered for its delivery count alone: reclaimed entries are parsed and
+written like new ones. ``replay_dead`` (``openledger ledger replay-dead``)
+moves dead-lettered entries back through the same parser and writer.
+
+Every ``trim_interval_s`` the worker trims the usage stream with ``XTRIM
+MINID`` (never ``MAXLEN``) to the oldest entry some consumer group still
+needs: per group its oldest pending entry, or when none is pending the entry
+after the last one it was delivered (``TRIM_SCRIPT``, atomic in Redis).
+Entries below it were delivered to and acknowledged by every group, so they
+are in the ledger (or dead-lettered), and Redis memory stays bounded. A group
+that lags holds trimming back; a group nobody reads any more holds it back
+for good (delete it: ``XGROUP DESTROY``).
 """
 
 from __future__ import annotations
@@ -34,13 +54,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, Literal, get_args
 
 import psycopg
 
 from openledger.settlement.ledger import metrics as m
 from openledger.settlement.ledger.db import libpq_url
-from openledger.settlement.ledger.errors import InvariantViolation, PoisonEvent
+from openledger.settlement.ledger.errors import DbErrorKind, PoisonEvent, classify_sqlstate
 from openledger.settlement.ledger.ingest import (
     PACKED_FIELD,
     BatchBuilder,
@@ -49,8 +69,11 @@ from openledger.settlement.ledger.ingest import (
     EventRecord,
     Parser,
     assemble,
+    dead_letter_fields,
+    event_id_of,
     explain_rejection,
     record_fields,
+    split_dead_letter,
 )
 from openledger.settlement.ledger.models import JOURNAL_ID_BLOCK
 from openledger.settlement.ledger.redisraw import RawRedis, RedisReplyError
@@ -76,6 +99,7 @@ class WorkerConfig:
     claim_interval_s: float = 1.0
     max_deliveries: int = 5
     verify_interval_s: float = 0.0
+    trim_interval_s: float = 10.0  # XTRIM MINID of what every group acknowledged; 0 disables
     stop_timeout_s: float = 30.0  # how long a stopping worker keeps retrying its last batch
     retry_max_s: float = 5.0  # backoff cap for temporary errors
     # Testing only: widen a crash window (see settings.ledger_test_pause_*).
@@ -100,6 +124,7 @@ class WorkerConfig:
             claim_interval_s=s.ledger_claim_interval_s,
             max_deliveries=s.ledger_max_deliveries,
             verify_interval_s=s.ledger_verify_interval_s,
+            trim_interval_s=s.ledger_trim_interval_s,
             test_pause_s=s.ledger_test_pause_s,
             test_pause_at=s.ledger_test_pause_at,
         )
@@ -115,6 +140,7 @@ class Batch:
     duplicates: int  # in-batch duplicates
     deliveries: dict[bytes, int]  # stream id -> delivery count (claimed entries; absent means 1)
     oldest_ms: int
+    entries: list[list[Any]]  # the raw entries as read, so a refused one is dead-lettered as it was sent
 
 
 def _stream_ms(stream_id: bytes) -> int:
@@ -153,15 +179,63 @@ def _deduplicated(records: list[EventRecord]) -> tuple[BatchBuilder, int, list[C
     return builder, duplicates, conflicts
 
 
-def _is_temporary(exc: BaseException) -> bool:
-    return isinstance(
-        exc,
-        psycopg.OperationalError
-        | psycopg.InterfaceError
-        | psycopg.errors.TransactionRollback
-        | ConnectionError
-        | OSError,
-    )
+def _rejection(kv: list[bytes], exc: Exception) -> str:
+    """Why an entry could not be parsed; an error the parser did not foresee is named too."""
+    reason = explain_rejection(kv, exc)
+    if isinstance(exc, PoisonEvent):
+        return reason
+    return f"usage event could not be parsed: {type(exc).__name__}: {reason[:200]}"
+
+
+def _raw_entry(entries: list[list[Any]], record: EventRecord) -> list[bytes]:
+    """The entry of ``record`` as it was read (a refused record is dead-lettered as it was sent)."""
+    for stream_id, kv in entries:
+        if stream_id == record.stream_id and kv is not None:
+            return list(kv)
+    return [PACKED_FIELD, record.body]  # the body is the packed wire form
+
+
+# Atomic in Redis, so no group can move between reading the groups and trimming. Per group
+# the oldest entry it still needs: its oldest pending entry, else the first entry after its
+# last delivered one (else that last one, kept as slack: no id arithmetic). Stream ids are
+# compared as strings (length, then bytes; Redis writes them without leading zeros), never
+# as Lua numbers.
+TRIM_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return {0, ''} end
+local function older(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local minid = nil
+for _, g in ipairs(groups) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  local need = info['last-delivered-id']
+  if info['pending'] > 0 then
+    need = redis.call('XPENDING', KEYS[1], info['name'], '-', '+', 1)[1][1]
+  else
+    local after = redis.call('XRANGE', KEYS[1], '(' .. need, '+', 'COUNT', 1)
+    if #after > 0 then need = after[1][1] end
+  end
+  if minid == nil or older(need, minid) then minid = need end
+end
+return {redis.call('XTRIM', KEYS[1], 'MINID', minid), minid}
+"""
+
+
+def _error_kind(exc: BaseException) -> DbErrorKind | None:
+    """How the writer treats an error of a batch write; ``None``: a bug (the writer stops, nothing is acked)."""
+    if isinstance(exc, psycopg.Error):
+        return classify_sqlstate(exc.sqlstate)
+    if isinstance(exc, ConnectionError | OSError):
+        return DbErrorKind.ENVIRONMENT
+    return None
 
 
 class LedgerWorker:
@@ -178,6 +252,7 @@ class LedgerWorker:
         self._claim_cursor = b"0-0"
         self._next_claim = 0.0
         self._next_verify = time.monotonic() + config.verify_interval_s
+        self._next_trim = time.monotonic() + config.trim_interval_s
         self._stop_requested = threading.Event()
         self._stop: threading.Event | None = None
 
@@ -242,6 +317,9 @@ class LedgerWorker:
         if cfg.verify_interval_s and now >= self._next_verify:
             self._next_verify = now + cfg.verify_interval_s
             self._quick_verify()
+        if cfg.trim_interval_s and now >= self._next_trim:
+            self._next_trim = now + cfg.trim_interval_s
+            self.trim()
         reply = self._read()
         if not reply:
             if self._queue.empty():
@@ -284,8 +362,8 @@ class LedgerWorker:
                 continue
             try:
                 add(parse(stream_id, kv))
-            except PoisonEvent as exc:
-                self._poison(stream_id, kv, explain_rejection(kv, exc), deliveries.get(stream_id, 1))
+            except Exception as exc:  # noqa: BLE001 - any parse error makes this one entry poison, no other
+                self._poison(stream_id, kv, _rejection(kv, exc), deliveries.get(stream_id, 1))
                 refused.append(stream_id)  # left pending (or already dead-lettered)
         ack_ids = list(map(_first, entries))
         if refused:
@@ -299,7 +377,7 @@ class LedgerWorker:
         if len(set(map(_first, records))) != len(records):  # rare: one event id twice in the batch
             builder, duplicates, conflicts = _deduplicated(records)
         oldest = _stream_ms(entries[0][0])  # entries come in stream order
-        self._put(Batch(builder.plan(), ack_ids, conflicts, duplicates, deliveries, oldest))
+        self._put(Batch(builder.plan(), ack_ids, conflicts, duplicates, deliveries, oldest, entries))
 
     def _put(self, batch: Batch) -> None:
         deadline: float | None = None
@@ -332,18 +410,12 @@ class LedgerWorker:
             return
         pending = self.redis.pipeline([("XPENDING", cfg.stream, cfg.group, e[0], e[0], 1) for e in entries])
         deliveries = {row[0][0]: int(row[0][3]) for row in pending if row}
-        keep = []
-        for stream_id, kv in entries:
-            count = deliveries.get(stream_id, 1)
-            if count > cfg.max_deliveries and kv is not None:
-                self._dead_letter(stream_id, kv, f"delivered {count} times without being committed", count)
-            else:
-                keep.append([stream_id, kv])
         log.info(
             "reclaimed pending entries", extra={"action": "claim", "count": len(entries), "consumer": cfg.consumer}
         )
-        if keep:
-            self._process(keep, deliveries)
+        # Parsed and written like new entries, whatever their delivery count: an entry becomes
+        # poison only by failing its own parse or its own write, never by having waited.
+        self._process(entries, deliveries)
 
     def _poison(self, stream_id: bytes, kv: list[bytes], reason: str, deliveries: int) -> None:
         if deliveries >= self.config.max_deliveries:
@@ -358,14 +430,13 @@ class LedgerWorker:
         self, stream_id: bytes, kv: list[bytes], reason: str, deliveries: int, client: RawRedis | None = None
     ) -> None:
         cfg = self.config
-        meta = [b"dead_stream", cfg.stream.encode(), b"dead_id", stream_id, b"dead_reason", reason.encode(),
-                b"dead_deliveries", b"%d" % deliveries, b"dead_consumer", cfg.consumer.encode()]  # fmt: skip
+        fields = dead_letter_fields(cfg.stream, stream_id, reason, deliveries, cfg.consumer, kv)
         client = client or self.redis
         self._read_ack_replies(client)
         client.pipeline(
             [
                 ("MULTI",),
-                ("XADD", cfg.dead_letter_stream, "*", *meta, *kv),
+                ("XADD", cfg.dead_letter_stream, "*", *fields),
                 ("XACK", cfg.stream, cfg.group, stream_id),
                 ("EXEC",),
             ]
@@ -380,6 +451,25 @@ class LedgerWorker:
                 "deliveries": deliveries,
             },
         )
+
+    def trim(self) -> int:
+        """Trim the usage stream below the oldest entry any consumer group still needs.
+
+        ``XTRIM MINID`` (``TRIM_SCRIPT``), never ``MAXLEN``: every entry removed was
+        delivered to and acknowledged by every group. Idempotent; any worker may run
+        it. Returns how many entries were removed."""
+        stream = self.config.stream
+        try:
+            (trimmed, minid), length = self.redis.pipeline([("EVAL", TRIM_SCRIPT, 1, stream), ("XLEN", stream)])
+        except RedisReplyError as exc:
+            log.warning("trimming the usage stream failed", extra={"action": "trim", "error": str(exc)})
+            return 0
+        m.STREAM_LENGTH.set(int(length))
+        if trimmed:
+            m.STREAM_TRIMMED.inc(int(trimmed))
+            log.info("usage stream trimmed", extra={"action": "trim", "trimmed": int(trimmed),
+                                                    "min_id": minid.decode(), "length": int(length)})  # fmt: skip
+        return int(trimmed)
 
     def _update_lag(self) -> None:
         try:
@@ -442,8 +532,8 @@ class LedgerWorker:
         """Write with retries; a record the database refuses is isolated by bisection and left pending."""
         try:
             return self._write_retrying(out.db, batch.plan, batch.conflicts), batch.ack_ids
-        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError, InvariantViolation) as exc:
-            if isinstance(exc, InvariantViolation):
+        except Exception as exc:
+            if _error_kind(exc) is not DbErrorKind.ROW:
                 raise
             log.warning("batch refused by the database; isolating", extra={"action": "isolate", "error": str(exc)})
         total = WriteResult()
@@ -457,11 +547,13 @@ class LedgerWorker:
     ) -> None:
         try:
             result = self._write_retrying(out.db, assemble(records), [])
-        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+        except Exception as exc:
+            if _error_kind(exc) is not DbErrorKind.ROW:
+                raise
             if len(records) == 1:
                 record = records[0]
                 refused.add(record.stream_id)
-                kv = [PACKED_FIELD, record.body]  # the body is the packed wire form
+                kv = _raw_entry(batch.entries, record)
                 reason = f"database refused the event: {str(exc).splitlines()[0]}"
                 self._poison_from_writer(
                     record.stream_id, kv, reason, batch.deliveries.get(record.stream_id, 1), out.redis
@@ -503,19 +595,21 @@ class LedgerWorker:
             try:
                 return db.write(plan, conflicts)
             except Exception as exc:
-                if not _is_temporary(exc):
+                if _error_kind(exc) is not DbErrorKind.ENVIRONMENT:
                     raise
-                if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError):
-                    db.discard_connection()
+                # A fresh connection for every retry: what was fixed may only apply to new
+                # sessions (default_transaction_read_only, a failover to the new primary).
+                db.discard_connection()
                 m.WRITE_RETRIES.inc()
                 if self._stopping() and deadline is None:
                     deadline = time.monotonic() + self.config.stop_timeout_s
                 if deadline is not None and time.monotonic() > deadline:
                     raise
                 log.warning(
-                    "batch write failed; retrying",
-                    extra={"action": "write_retry", "error": str(exc).strip()[:200], "delay_s": delay},
-                )
+                    "database unavailable for the batch; retrying",
+                    extra={"action": "write_retry", "error": str(exc).strip()[:200], "delay_s": delay,
+                           "sqlstate": getattr(exc, "sqlstate", None)},
+                )  # fmt: skip
                 time.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
 
@@ -566,3 +660,85 @@ class LedgerWorker:
                 log.warning("redis unavailable at start; retrying", extra={"action": "redis_retry", "error": str(exc)})
                 stop.wait(delay)
                 delay = min(delay * 2, self.config.retry_max_s)
+
+
+# ------------------------------------------------------------------ replay
+
+
+# ingested: posted now; duplicate: already in the ledger with the same fields (no-op);
+# quarantined: the id is in the ledger with other fields; still-dead: poison, left in place;
+# other-stream: dead-lettered from another usage stream, left in place.
+ReplayOutcomeKind = Literal["ingested", "duplicate", "quarantined", "still-dead", "other-stream"]
+REPLAY_OUTCOMES: tuple[ReplayOutcomeKind, ...] = get_args(ReplayOutcomeKind)
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """What ``replay_dead`` did (or, in a dry run, would do) with one dead-letter entry."""
+
+    dead_id: str  # its id in the dead-letter stream
+    stream_id: str  # its id in the usage stream it was dead-lettered from
+    event_id: str
+    outcome: ReplayOutcomeKind
+    reason: str = ""  # why it stays dead
+
+
+_REPLAY_PAGE = 500
+
+
+def replay_dead(config: WorkerConfig, *, dry_run: bool = False) -> list[ReplayOutcome]:
+    """Move the dead-letter stream's entries back through the parser and the batch writer.
+
+    One transaction per entry; an entry that is now ingested, found to be a
+    duplicate, or quarantined is removed from the dead-letter stream (``XDEL``)
+    after its ``COMMIT``; one that is still poison stays where it is, once, and
+    its reason is reported. Idempotent: the event id makes a second write a
+    no-op, so a crash between ``COMMIT`` and ``XDEL`` or a second replay changes
+    nothing in the ledger. An error of the environment (database or Redis
+    unavailable) stops the replay and is raised; run it again later.
+    ``dry_run``: every write is rolled back and nothing is removed.
+    """
+    redis = RawRedis(config.redis_url)
+    writer = BatchWriter(config.database_url)
+    parser = Parser()
+    outcomes: list[ReplayOutcome] = []
+    try:
+        start = "-"
+        while True:
+            page = redis.execute("XRANGE", config.dead_letter_stream, start, "+", "COUNT", _REPLAY_PAGE)
+            for dead_id, kv in page:
+                outcome = _replay_one(config, parser, writer, dead_id, kv, dry_run)
+                if outcome.outcome in ("ingested", "duplicate", "quarantined") and not dry_run:
+                    redis.execute("XDEL", config.dead_letter_stream, dead_id)
+                outcomes.append(outcome)
+            if len(page) < _REPLAY_PAGE:
+                return outcomes
+            start = "(" + page[-1][0].decode()
+    finally:
+        redis.close()
+        writer.close()
+
+
+def _replay_one(
+    config: WorkerConfig, parser: Parser, writer: BatchWriter, dead_id: bytes, kv: list[bytes], dry_run: bool
+) -> ReplayOutcome:
+    meta, original = split_dead_letter(kv)
+    stream_id = meta.get(b"dead_id", b"0-0")
+    ids = (dead_id.decode(), stream_id.decode("utf-8", "replace"), event_id_of(original).decode("utf-8", "replace"))
+    if meta.get(b"dead_stream", config.stream.encode()) != config.stream.encode():
+        return ReplayOutcome(
+            *ids, "other-stream", f"dead-lettered from {meta[b'dead_stream'].decode('utf-8', 'replace')}"
+        )
+    try:
+        record = parser.parse(stream_id, original)
+    except Exception as exc:  # noqa: BLE001 - poison of any kind stays dead, with its reason
+        return ReplayOutcome(*ids, "still-dead", _rejection(original, exc))
+    try:
+        result = writer.write(assemble([record]), dry_run=dry_run)
+    except Exception as exc:
+        if _error_kind(exc) is not DbErrorKind.ROW:
+            raise
+        return ReplayOutcome(*ids, "still-dead", f"database refused the event: {str(exc).splitlines()[0]}")
+    if result.inserted:
+        return ReplayOutcome(*ids, "ingested")
+    return ReplayOutcome(*ids, "quarantined" if result.conflicts else "duplicate")

@@ -1,22 +1,19 @@
 """Writing one batch to PostgreSQL in one transaction.
 
-Fast path (no duplicate in the batch): one round trip reserves a block of
-journal ids (``nextval`` on a sequence with increment 1024) under a shared
-advisory lock, then ``COPY`` the entries, the events, the postings, and upsert
-the balance and spend caches, then ``COMMIT``. The event rows go in with
-``COPY`` optimistically: a duplicate event id aborts it with a unique
-violation, and only then the batch is written again through a temporary table
-with ``INSERT … ON CONFLICT DO NOTHING``; the events that were not new are
-classified as duplicates (same fields: no-op) or conflicts (different fields:
-quarantined, counted, never overwriting).
+Fast path (no duplicate in the batch): ``journal.post`` posts one entry per
+pool (shared journal lock, one block of ids, entries, postings, balances,
+sum-to-zero read back), then the events go in with ``COPY`` carrying their
+entry ids, the spend cache is upserted, and the transaction commits. The
+event rows go in optimistically: a duplicate event id aborts the ``COPY``
+with a unique violation, and only then the batch is written again through a
+temporary table with ``INSERT … ON CONFLICT DO NOTHING``; the events that
+were not new are classified as duplicates (same fields: no-op) or conflicts
+(different fields: quarantined, counted, never overwriting).
 
 Idempotency: writing the same batch any number of times (a crash between
 COMMIT and XACK, a database restart mid-COMMIT, a reclaimed batch) posts each
 event exactly once, because the event id is the primary key and the postings
 are computed only from the events this transaction inserted.
-
-The shared advisory lock lets ``queries.journal_cutoff`` (exclusive) wait for
-in-flight batches, so an epoch's cutoff id is never passed by a later commit.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import errors as pg_errors
 
+from openledger.settlement.ledger import journal
 from openledger.settlement.ledger.errors import invariant
 from openledger.settlement.ledger.ingest import (
     COPY_COLUMNS,
@@ -37,12 +35,11 @@ from openledger.settlement.ledger.ingest import (
     assemble,
     record_fields,
 )
-from openledger.settlement.ledger.models import JOURNAL_ID_BLOCK
+from openledger.settlement.ledger.journal import JOURNAL_LOCK_KEY as JOURNAL_LOCK_KEY  # re-exported (epochs)
+from openledger.settlement.ledger.journal import array_literal
 
 log = logging.getLogger(__name__)
 
-# pg_advisory_xact_lock key: writers take it shared, journal_cutoff exclusive.
-JOURNAL_LOCK_KEY = 0x4F4C4A4E4C  # "OLJNL"
 _COLUMNS_SQL = ", ".join(COPY_COLUMNS)
 _IDENTITY_T = ", ".join(f"t.{c}" for c in IDENTITY_COLUMNS)
 _IDENTITY_U = ", ".join(f"u.{c}" for c in IDENTITY_COLUMNS)
@@ -61,17 +58,6 @@ class WriteResult:
 
 class _Duplicates(Exception):
     """The optimistic COPY met an event id that is already stored."""
-
-
-def _journal_ids(cur: psycopg.Cursor[tuple[object, ...]], count: int) -> int:
-    """Take the shared journal lock and reserve ``count`` consecutive ids; returns the first."""
-    row = cur.execute(
-        "SELECT pg_advisory_xact_lock_shared(%s), nextval('journal_entry_id_seq')", (JOURNAL_LOCK_KEY,)
-    ).fetchone()
-    assert row is not None
-    # The worker splits batches with more pools than one block holds (see LedgerWorker._write_retrying).
-    invariant(count <= JOURNAL_ID_BLOCK, f"batch has {count} pools; one id block holds {JOURNAL_ID_BLOCK}")
-    return int(str(row[1]))
 
 
 class BatchWriter:
@@ -106,8 +92,11 @@ class BatchWriter:
                 log.debug("closing a broken connection failed", exc_info=True)
             self._conn = None
 
-    def write(self, plan: BatchPlan, conflicts: Sequence[Conflict] = ()) -> WriteResult:
-        """Write the batch; raises psycopg errors (the caller retries the temporary ones)."""
+    def write(self, plan: BatchPlan, conflicts: Sequence[Conflict] = (), *, dry_run: bool = False) -> WriteResult:
+        """Write the batch; raises psycopg errors (the caller retries the temporary ones).
+
+        ``dry_run``: do everything, then roll back instead of committing (the result
+        says what the write would have done)."""
         conn = self.conn
         try:
             try:
@@ -115,6 +104,9 @@ class BatchWriter:
             except _Duplicates:
                 conn.rollback()
                 result = self._write_deduplicating(conn, plan, conflicts)
+            if dry_run:
+                conn.rollback()
+                return result
             if self._before_commit is not None:
                 self._before_commit()
             conn.commit()
@@ -134,18 +126,17 @@ class BatchWriter:
         self, conn: psycopg.Connection[tuple[object, ...]], plan: BatchPlan, conflicts: Sequence[Conflict]
     ) -> WriteResult:
         cur = conn.cursor()
-        first = _journal_ids(cur, plan.entry_count)
-        data = plan.copy_data(first)
-        self._write_entries(cur, plan, first)
+        posted = self._post(cur, plan)
+        data = plan.copy_data(posted.first_id if posted.entry_ids else 0)
         try:
             with cur.copy(f"COPY usage_events ({_COLUMNS_SQL}) FROM STDIN") as copy:
                 copy.write(data)
         except pg_errors.UniqueViolation as exc:
             raise _Duplicates from exc
         invariant(cur.rowcount == len(plan.records), f"COPY stored {cur.rowcount} of {len(plan.records)} events")
-        result = WriteResult(inserted=len(plan.records))
+        result = WriteResult(inserted=len(plan.records), entry_ids=posted.entry_ids, postings=posted.postings)
         result.quarantined, result.conflicts = self._quarantine(cur, conflicts)
-        self._write_postings(cur, plan, first, result)
+        self._write_spend(cur, plan)
         return result
 
     def _write_deduplicating(
@@ -166,9 +157,8 @@ class BatchWriter:
         }
         new_records = [r for r in plan.records if r.event_id.decode() in new_ids]
         new_plan = assemble(new_records)
-        first = _journal_ids(cur, new_plan.entry_count)
-        self._write_entries(cur, new_plan, first)
-        entry_of_pool = {e.pool: first + e.entry_offset for e in new_plan.entries}
+        posted = self._post(cur, new_plan)
+        entry_of_pool = {e.pool: posted.entry_ids[e.entry_offset] for e in new_plan.entries}
         cur.execute(
             f"INSERT INTO usage_events ({_COLUMNS_SQL}) "
             f"SELECT {', '.join('t.' + c for c in COPY_COLUMNS[:-1])}, "
@@ -189,58 +179,18 @@ class BatchWriter:
         by_id = {r.event_id.decode(): r for r in plan.records}
         for c in stored_conflicts:
             c.fields.update(record_fields(by_id[c.event_id]))
-        result = WriteResult(inserted=len(new_ids))
+        result = WriteResult(inserted=len(new_ids), entry_ids=posted.entry_ids, postings=posted.postings)
         result.quarantined, result.conflicts = self._quarantine(cur, [*conflicts, *stored_conflicts])
         result.duplicates = len(plan.records) - len(new_ids) - len(stored_conflicts)
-        self._write_postings(cur, new_plan, first, result)
+        self._write_spend(cur, new_plan)
         return result
 
     # ------------------------------------------------------------- the parts
 
-    @staticmethod
-    def _write_entries(cur: psycopg.Cursor[tuple[object, ...]], plan: BatchPlan, first: int) -> None:
-        if not plan.entries:
-            return
-        with cur.copy("COPY journal_entries (id, kind, pool, event_count, amount) FROM STDIN") as copy:
-            for e in plan.entries:
-                copy.write_row((first + e.entry_offset, "usage", e.pool, e.event_count, e.amount))
-
-    def _write_postings(
-        self, cur: psycopg.Cursor[tuple[object, ...]], plan: BatchPlan, first: int, result: WriteResult
-    ) -> None:
-        if not plan.entries:
-            self._write_spend(cur, plan)
-            return
-        accounts = sorted({a for e in plan.entries for a in e.postings} - self._known_accounts)
-        if accounts:
-            cur.execute(
-                "INSERT INTO accounts (key, kind, ref) SELECT k, split_part(k, ':', 1), substr(k, strpos(k, ':') + 1) "
-                "FROM unnest(%s::text[]) AS k ON CONFLICT (key) DO NOTHING",
-                (_array(accounts),),
-            )
-        with cur.copy("COPY postings (entry_id, account, pool, amount) FROM STDIN") as copy:
-            for e in plan.entries:
-                for account, amount in e.postings.items():
-                    copy.write_row((first + e.entry_offset, account, e.pool, amount))
-                    result.postings += 1
-        last = first + plan.entries[-1].entry_offset
-        result.entry_ids = [first + e.entry_offset for e in plan.entries]
-        # Postcondition, read back inside the transaction: every entry sums to zero.
-        unbalanced = cur.execute(
-            "SELECT entry_id, sum(amount)::text FROM postings WHERE pool = ANY(%s) AND entry_id BETWEEN %s AND %s "
-            "GROUP BY entry_id HAVING sum(amount) <> 0 OR count(*) = 0",
-            ([e.pool for e in plan.entries], first, last),
-        ).fetchall()
-        invariant(not unbalanced, f"entries do not balance after writing: {unbalanced[:5]}")
-        deltas = plan.balance_deltas()
-        cur.execute(
-            "INSERT INTO account_balances (account, balance, last_entry_id) "
-            "SELECT a, b, %s FROM unnest(%s::text[], %s::numeric[]) AS x(a, b) "
-            "ON CONFLICT (account) DO UPDATE SET balance = account_balances.balance + EXCLUDED.balance, "
-            "last_entry_id = GREATEST(account_balances.last_entry_id, EXCLUDED.last_entry_id), updated_at = now()",
-            (last, _array(list(deltas)), _array([str(v) for v in deltas.values()])),
-        )
-        self._write_spend(cur, plan)
+    def _post(self, cur: psycopg.Cursor[tuple[object, ...]], plan: BatchPlan) -> journal.Posted:
+        """One ``usage`` journal entry per pool of the plan (ids in the plan's entry order)."""
+        entries = [journal.Entry("usage", e.postings, pool=e.pool, event_count=e.event_count) for e in plan.entries]
+        return journal.post(cur, entries, known_accounts=self._known_accounts)
 
     @staticmethod
     def _write_spend(cur: psycopg.Cursor[tuple[object, ...]], plan: BatchPlan) -> None:
@@ -280,7 +230,4 @@ class BatchWriter:
         return new, len(conflicts)
 
 
-def _array(items: list[str]) -> str:
-    """A PostgreSQL array literal, passed as one text parameter (psycopg's list dumper costs
-    microseconds per element). Every element is double-quoted and escaped."""
-    return "{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}"
+_array = array_literal

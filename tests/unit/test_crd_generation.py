@@ -86,3 +86,18 @@ def test_printer_columns_show_what_an_sre_scans_for() -> None:
     assert {".status.url", ".status.replicas"} <= set(paths("Model"))
     assert {".status.queueDepth", ".status.spentThisPeriod"} <= set(paths("Agent"))
     assert {".status.lastSettledEpoch", ".status.pendingAmount"} <= set(paths("RewardPool"))
+
+
+def test_builders_read_specs_with_the_schema_defaults_written_once() -> None:
+    from openledger.controllers.api import defaulted_spec
+
+    spec = defaulted_spec("Model", {"contributors": [{"account": "0x" + "a" * 40, "shareBps": 10}], "scaling": {}})
+    assert spec["protocol"] == "v1" and spec["deploymentMode"] == "Standard"
+    assert spec["scaling"] == {"minReplicas": 1, "metric": "concurrency"}  # nested defaults inside a given object
+    assert spec["pricing"] == {"token": "OPEN", "decimals": 18, "perRequest": "0", "perInputToken": "0",
+                               "perOutputToken": "0"}  # fmt: skip
+    assert spec["contributors"][0]["role"] == "data"  # array items too
+    assert "canary" not in spec  # no default, not invented
+    pool = defaulted_spec("RewardPool", {"chain": {"chainId": 1, "confirmations": 5}})
+    assert pool["chain"] == {"chainId": 1, "confirmations": 5, "tokenDecimals": 18}  # given values are kept
+    assert defaulted_spec("RewardPool", None)["epochSeconds"] == 3600

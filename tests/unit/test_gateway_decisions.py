@@ -7,10 +7,16 @@ import uuid
 
 import pytest
 
+from openledger.gateway.durability import DurabilityBarrier, durable
 from openledger.gateway.ids import uuid7
+from openledger.gateway.lifetimes import inflight_ttl_s, shutdown_timeout_s
 from openledger.gateway.metering import RequestError, actual_usage, estimate, max_cost
 from openledger.gateway.protocols import Route, error_body, match_path, upstream_path
-from openledger.gateway.records import QUANTA_MAX, AgentConfig, choose_quantum, period_bounds_s, period_id
+from openledger.gateway.records import AgentConfig, AgentKeys, period_bounds_s, period_id
+from openledger.gateway.redisproto import RedisClient
+from openledger.gateway.scripts import ADMIT, SETTLE, AdmitCode
+from openledger.gateway.server import graceful_shutdown_s
+from openledger.settings import Settings
 from openledger.wire import Price
 
 
@@ -79,8 +85,7 @@ def test_agent_config_round_trips_and_names_missing_fields() -> None:
         account="0x" + "1" * 40,
         models=("m1", "m2"),
         requests_per_second=2.5,
-        budget_base_units=10**20,
-        budget_quantum=choose_quantum(10**20),
+        budget_base_units=10**77 + 1,
         key_hash="h",
         version=3,
     )
@@ -91,15 +96,41 @@ def test_agent_config_round_trips_and_names_missing_fields() -> None:
         AgentConfig.from_fields(raw)
 
 
-def test_budget_quanta_stay_exact_in_lua_doubles() -> None:
-    for amount in (1, 10**18, 10**20, 123456789 * 10**18, 10**30):
-        quantum = choose_quantum(amount)
-        assert amount // quantum < QUANTA_MAX
-        assert quantum == 1 or amount // (quantum // 10) >= QUANTA_MAX
-    config = AgentConfig(ref="ns/a", account="0x", models=(), budget_base_units=10**20, budget_quantum=10**5)
-    assert config.cost_quanta(1) == 1 and config.cost_quanta(10**5) == 1 and config.cost_quanta(10**5 + 1) == 2
-    with pytest.raises(ValueError, match="2\\*\\*50"):
-        AgentConfig(ref="ns/a", account="0x", models=(), budget_base_units=10**20)
+def test_budgets_are_exact_integers_of_any_ledger_size() -> None:
+    big = 10**78 - 1
+    config = AgentConfig(ref="ns/a", account="0x", models=(), budget_base_units=big)
+    assert config.to_fields()["budget"] == str(big) and "quantum" not in config.to_fields()
+    assert AgentConfig.from_fields({**config.to_fields(), "quantum": "1000"}) == config  # an old field is ignored
+    with pytest.raises(ValueError, match="budget"):
+        AgentConfig(ref="ns/a", account="0x", models=(), budget_base_units=10**78)
+
+
+def test_revocation_leaves_in_flight_records_to_expire() -> None:
+    keys = AgentKeys("ns/a")
+    assert set(keys.in_flight_keys()) == {keys.inflight, keys.reserved}
+    assert not set(keys.in_flight_keys()) & set(keys.all_static())
+    assert keys.spend not in keys.all_static() and keys.spend_gen not in keys.all_static()
+
+
+def test_in_flight_ttl_is_minutes_and_outlives_a_request_and_shutdown() -> None:
+    ttl = inflight_ttl_s(60, 5, 1)
+    assert 60 + 5 < ttl <= 5 * 60
+    assert 60 < shutdown_timeout_s(60, 5, 1) < ttl
+    assert inflight_ttl_s(600, 5, 1) > 600  # follows the upstream timeout
+
+
+def test_no_money_through_lua_numbers() -> None:
+    for script in (ADMIT, SETTLE):
+        assert "tonumber(ARGV[12])" not in script.source and "%.0f', x) end\n" not in script.source
+        assert "HINCRBY', KEYS[4], '_total'" not in script.source and "INCRBY', KEYS[3]" not in script.source
+    assert AdmitCode(-9) is AdmitCode.SPEND_UNKNOWN
+
+
+def test_durability_replies_and_policies() -> None:
+    assert durable("wait", 1) and not durable("wait", 0)
+    assert durable("waitaof", [1, 0]) and not durable("waitaof", [0, 0])
+    with pytest.raises(ValueError, match="gateway_durability"):
+        DurabilityBarrier(RedisClient("redis://127.0.0.1:1/0"), "fsync", 1000)
 
 
 def test_budget_periods_are_utc_calendar_periods() -> None:
@@ -117,3 +148,8 @@ def test_event_ids_are_time_ordered_uuid7() -> None:
     a, b = uuid7(1_000), uuid7(2_000)
     assert uuid.UUID(a).version == 7 and uuid.UUID(a).variant == uuid.RFC_4122
     assert a < b and len({uuid7() for _ in range(1000)}) == 1000
+
+
+def test_graceful_shutdown_outlasts_the_upstream_timeout() -> None:
+    assert graceful_shutdown_s(Settings(gateway_upstream_timeout_s=600)) > 600
+    assert graceful_shutdown_s(Settings(gateway_shutdown_timeout_s=95)) == 95

@@ -38,9 +38,10 @@ def events(draw: st.DrawFn) -> UsageEvent:
     )
     tin, tout = draw(st.integers(0, 100_000)), draw(st.integers(0, 100_000))
     outcome = draw(st.sampled_from(["ok", "ok", "ok", "upstream_error", "timeout"]))
-    fee = draw(st.integers(0, 2000))
+    # The whole configurable range: any fee <= 10000 with shares (of what is left) summing to <= 10000.
+    fee = draw(st.integers(0, 10_000))
     n = draw(st.integers(0, 3))
-    contributors = tuple(Contributor(draw(ADDR), draw(st.integers(0, 8000 // max(n, 1)))) for _ in range(n))
+    contributors = tuple(Contributor(draw(ADDR), draw(st.integers(0, 10_000 // max(n, 1)))) for _ in range(n))
     eid = draw(st.uuids(version=4)).hex
     return UsageEvent(
         event_id=f"{eid[:8]}-{eid[8:12]}-{eid[12:16]}-{eid[16:20]}-{eid[20:]}",
@@ -145,7 +146,7 @@ def _ok_fields() -> dict[str, str]:
         ({"owner": "bob"}, "'owner'"),
         ({"payer": "0x12"}, "'payer'"),
         ({"contributors": "0xzz:1:data"}, "'contributors'"),
-        ({"fee_bps": "9500"}, "'contributors' and 'fee_bps'"),
+        ({"fee_bps": "10001"}, "'fee_bps' is more than 10000 bps"),
         ({"extra": "{not json"}, "'extra'"),
         ({"agent": "a\x00b"}, "'agent'"),
         ({"model": None}, "'model'"),
@@ -201,3 +202,82 @@ def test_array_literals_quote_every_element() -> None:
 
     assert _array(['a"b', "c\\d", "owner:0xab", "ns/pool"]) == '{"a\\"b","c\\\\d","owner:0xab","ns/pool"}'
     assert _array([]) == "{}"
+
+
+def _raw_entry(fields: dict[str, str], wire: str, bad_field: str) -> list[bytes]:
+    """``fields`` as raw stream bytes, with an invalid UTF-8 sequence inside ``bad_field``."""
+    values = {k: v.encode() for k, v in fields.items()}
+    values[bad_field] = values[bad_field][:1] + b"\xff\xfe" + values[bad_field][1:]
+    if wire == "fields":
+        return [x for key, value in values.items() for x in (key.encode(), value)]
+    return [b"event", b"\t".join(values[name] for name in USAGE_FIELDS)]
+
+
+@pytest.mark.parametrize("precise", [False, True], ids=["fast-path", "precise-path"])
+@pytest.mark.parametrize("bad_field", ["agent", "payer", "model", "owner", "token", "contributors", "pool"])
+def test_invalid_utf8_is_poison_naming_the_field(bad_field: str, precise: bool, wire: str) -> None:
+    fields = _ok_fields()
+    if precise:  # an escaped backslash elsewhere sends the entry down the precise path
+        fields["extra"] = '{"note":"a\\\\\\\\b"}' if wire == "packed" else '{"note":"a\\\\b"}'
+    with pytest.raises(PoisonEvent, match=f"field '{bad_field}' is not valid UTF-8"):
+        ingest.Parser().parse(b"1-0", _raw_entry(fields, wire, bad_field))
+
+
+def test_a_rejection_reason_never_raises_and_keeps_the_field_name() -> None:
+    kv = _raw_entry(_ok_fields(), "packed", "agent")
+    reason = ingest.explain_rejection(kv, PoisonEvent("usage event: field 'agent' is not valid UTF-8 (byte 1)"))
+    assert "'agent'" in reason
+
+
+def test_dead_letter_fields_carry_the_original_entry_unchanged(wire: str) -> None:
+    kv = _raw_entry(_ok_fields(), wire, "model")
+    flat = ingest.dead_letter_fields("usage", b"7-1", "why: 'model'", 5, "host-1", kv)
+    meta, original = ingest.split_dead_letter(flat)
+    assert original == kv
+    assert meta == {
+        b"dead_stream": b"usage",
+        b"dead_id": b"7-1",
+        b"dead_reason": b"why: 'model'",
+        b"dead_deliveries": b"5",
+        b"dead_consumer": b"host-1",
+    }
+
+
+def test_an_unforeseen_parser_error_makes_a_reason_naming_its_type() -> None:
+    from openledger.settlement.ledger.worker import _rejection
+
+    kv = entry_of(_ok_fields(), "packed")
+    assert _rejection(kv, IndexError("tuple index out of range")) == (
+        "usage event could not be parsed: IndexError: tuple index out of range"
+    )
+    assert _rejection(kv, PoisonEvent("usage event: field 'cost' is 1")) == "usage event: field 'cost' is 1"
+
+
+def test_a_fee_plus_full_contributor_shares_is_ingested_not_poison(wire: str) -> None:
+    """Fee 500 bps, then 10000 bps of the rest to contributors: the owner gets nothing, nothing is refused."""
+    price = Price(per_request=10**18, per_input_token=0, per_output_token=0)
+    event = UsageEvent(
+        event_id="0190a8e0-0000-7000-8000-000000000001",
+        agent="a/x",
+        payer="0x" + "1" * 40,
+        model="ns/model",
+        owner="0x" + "2" * 40,
+        price=price,
+        input_tokens=0,
+        output_tokens=0,
+        cost=10**18,
+        outcome="ok",
+        started_at_ms=1,
+        finished_at_ms=2,
+        contributors=(Contributor("0x" + "3" * 40, 6000), Contributor("0x" + "4" * 40, 4000)),
+        pool="ns/p1",
+        fee_bps=500,
+    )
+    plan = ingest.assemble([ingest.Parser().parse(b"1-0", entry_of(event.to_fields(), wire))])
+    (entry,) = plan.entries
+    assert entry.postings == {
+        sp.agent_account("0x" + "1" * 40): -(10**18),
+        sp.fee_account("ns/p1"): 5 * 10**16,
+        sp.contributor_account("0x" + "3" * 40): 57 * 10**16,
+        sp.contributor_account("0x" + "4" * 40): 38 * 10**16,
+    }

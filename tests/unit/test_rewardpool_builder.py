@@ -163,3 +163,106 @@ def test_empty_tx_hash_is_left_out_because_the_schema_needs_32_bytes() -> None:
 def test_invalid_spec_fails_ready_with_the_message() -> None:
     status = rb.pool_status(None, generation=1, models=0, paused=False, epoch_seconds=60, error="spec.minPayout: bad")
     assert status["phase"] == "Failed" and status["conditions"][0]["message"] == "spec.minPayout: bad"
+
+
+def test_database_unavailable_degrades_and_keeps_the_last_figures() -> None:
+    from openledger.settlement.pool import database_unavailable
+
+    previous = rb.pool_status(None, generation=1, models=1, paused=False, epoch_seconds=60, settled=settled())
+    status = rb.pool_status(
+        previous,
+        generation=1,
+        models=1,
+        paused=False,
+        epoch_seconds=60,
+        settled=database_unavailable(11, "PostgreSQL unavailable: connection refused"),
+    )
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Degraded" and "settledTotal" not in status  # merge patch keeps the last value
+    assert conds["Settled"]["status"] == "False" and conds["Settled"]["reason"] == "DatabaseUnavailable"
+    assert conds["Ready"]["reason"] == "DatabaseUnavailable" and "refused" in conds["Ready"]["message"]
+
+
+@pytest.mark.parametrize("reason", ["IdentityChanged", "DistributorInUse", "ContractStateMismatch"])
+def test_a_refused_publication_is_never_up_to_date(reason: str) -> None:
+    status = rb.pool_status(
+        None,
+        generation=2,
+        models=1,
+        paused=False,
+        epoch_seconds=60,
+        settled=settled(lag_epochs=0, blocked_reason=reason, blocked_message="spec.chain.distributorAddress: a -> b"),
+    )
+    conds = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Failed" and conds["Settled"]["status"] == "False"
+    assert conds["Settled"]["reason"] == reason and "distributorAddress" in conds["Settled"]["message"]
+
+
+def test_status_amounts_use_the_pool_token_decimals() -> None:
+    status = rb.pool_status(
+        None,
+        generation=1,
+        models=1,
+        paused=False,
+        epoch_seconds=60,
+        decimals=6,
+        settled=settled(pending_amount=1500000),
+    )
+    assert status["pendingAmount"] == "1.5"
+
+
+def test_defaults_come_from_the_crd_schema() -> None:
+    bare = {"modelSelector": {}, "chain": {k: v for k, v in spec()["chain"].items() if k != "confirmations"}}
+    config = rb.pool_config("ns", "pool", bare)
+    assert (config.epoch_seconds, config.min_payout, config.confirmations, config.paused) == (3600, 0, 2, False)
+    assert config.token == "0x" + "01" * 20 and rb.token_decimals(bare) == 18
+    assert rb.binding("ns", "pool", bare).fee_bps == 0
+
+
+def model_obj(name: str, labels: dict[str, str], **pricing: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": labels}, "spec": {"owner": "0x" + "0a" * 20, "pricing": pricing}}
+
+
+def pool_obj(name: str, created: str, body: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ns", "creationTimestamp": created, **meta}, "spec": body}
+
+
+def test_a_model_belongs_to_the_oldest_pool_selecting_it_whichever_pool_syncs() -> None:
+    models = [model_obj("m", {"team": "a"}, perRequest="1")]
+    pools = [pool_obj("young", "2026-01-02T00:00:00Z", spec()), pool_obj("old", "2026-01-01T00:00:00Z", spec())]
+    old = rb.binding_plan("ns", "old", spec(), models, pools)
+    young = rb.binding_plan("ns", "young", spec(), models, pools)
+    assert old.bound == ["m"] and old.refused == []
+    assert young.bound == [] and [(r.model, r.reason) for r in young.refused] == [("m", "ModelClaimed")]
+    assert "ns/old" in young.refused[0].message
+    # The older pool being deleted (or invalid) no longer holds it: the younger one binds it.
+    pools[1] = pool_obj("old", "2026-01-01T00:00:00Z", spec(), deletionTimestamp="2026-01-03T00:00:00Z")
+    assert rb.binding_plan("ns", "young", spec(), models, pools).bound == ["m"]
+    pools[1] = pool_obj("old", "2026-01-01T00:00:00Z", spec(chain={}))
+    assert rb.binding_plan("ns", "young", spec(), models, pools).bound == ["m"]
+
+
+def test_a_model_priced_in_other_decimals_than_the_pool_token_is_refused() -> None:
+    models = [model_obj("six", {"team": "a"}, decimals=6, perRequest="1"), model_obj("ok", {"team": "a"})]
+    plan = rb.binding_plan("ns", "pool", spec(), models, [])
+    assert plan.bound == ["ok"] and [(r.model, r.reason) for r in plan.refused] == [("six", "DecimalsMismatch")]
+    assert "spec.pricing.decimals 6" in plan.refused[0].message and "tokenDecimals 18" in plan.refused[0].message
+    six = spec()
+    six["chain"] = {**six["chain"], "tokenDecimals": 6}
+    assert rb.binding_plan("ns", "pool", six, models, []).bound == ["six"]
+
+
+def test_a_price_that_can_overflow_the_distributor_amounts_is_refused() -> None:
+    limit = rb.AMOUNT_MAX // rb.PRICE_HEADROOM  # base units; 18 decimals
+    fits = model_obj("fits", {"team": "a"}, perInputToken=f"{limit // 10**18}")
+    huge = model_obj("huge", {"team": "a"}, perOutputToken=f"{limit // 10**18 + 1}")
+    plan = rb.binding_plan("ns", "pool", spec(), [fits, huge], [])
+    assert plan.bound == ["fits"] and [(r.model, r.reason) for r in plan.refused] == [("huge", "PriceOverflow")]
+    assert "spec.pricing.perOutputToken" in plan.refused[0].message
+
+
+def test_models_bound_condition() -> None:
+    plan = rb.BindingPlan(["a"], [rb.Refusal("b", "DecimalsMismatch", "Model b: decimals")])
+    cond = rb.models_bound_condition(plan, generation=1, now="T")
+    assert (cond["status"], cond["reason"], cond["message"]) == ("False", "DecimalsMismatch", "Model b: decimals")
+    assert rb.models_bound_condition(rb.BindingPlan(["a"], []), generation=1, now="T")["status"] == "True"

@@ -15,9 +15,10 @@ COST = st.integers(min_value=0, max_value=10**30)
 
 @st.composite
 def shares(draw: st.DrawFn) -> tuple[int, list[int]]:
+    # Any fee with any shares summing to <= 10000: shares are of what the fee leaves.
     fee = draw(st.integers(min_value=0, max_value=10_000))
     parts: list[int] = []
-    left = 10_000 - fee
+    left = 10_000
     for _ in range(draw(st.integers(min_value=0, max_value=5))):
         bps = draw(st.integers(min_value=0, max_value=left))
         parts.append(bps)
@@ -83,11 +84,24 @@ def test_addresses_are_case_insensitive_accounts() -> None:
 
 @pytest.mark.parametrize(
     ("cost", "fee_bps", "parts", "field"),
-    [(-1, 0, [], "cost"), (1, 10_001, [], "fee_bps"), (1, 5000, [5001], "contributors"), (1, 0, [-1], "contributors")],
+    [
+        (-1, 0, [], "cost"),
+        (1, 10_001, [], "fee_bps"),
+        (1, 0, [5000, 5001], "contributors"),
+        (1, 0, [-1], "contributors"),
+    ],
 )
 def test_impossible_splits_are_rejected_naming_the_field(cost: int, fee_bps: int, parts: list[int], field: str) -> None:
     with pytest.raises(PoisonEvent, match=field):
         sp.split_cost(cost, fee_bps, parts)
+
+
+def test_fee_plus_shares_above_10000_bps_is_split_not_refused() -> None:
+    # A 5 % pool fee with contributors at 100 % of the rest: valid specs, so a valid split (was PoisonEvent).
+    split = sp.split_cost(10_000, 500, [6000, 4000])
+    assert (split.fee, split.contributors, split.owner) == (500, (5700, 3800), 0)
+    split = sp.split_cost(999, 10_000, [10_000])
+    assert (split.fee, split.contributors, split.owner) == (999, (0,), 0)
 
 
 def test_aggregate_refuses_unbalanced_postings() -> None:

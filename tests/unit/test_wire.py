@@ -83,7 +83,7 @@ def test_failed_request_costs_nothing() -> None:
         ("input_tokens", "ten", "'input_tokens' is not an integer"),
         ("outcome", "great", "'outcome' must be one of"),
         ("contributors", "0xabc", "'contributors' is malformed"),
-        ("fee_bps", "9000", "more than 10000 bps"),
+        ("fee_bps", "10001", "'fee_bps' is more than 10000 bps"),
     ],
 )
 def test_bad_event_field_is_named(field: str, value: str, message: str) -> None:

@@ -423,10 +423,17 @@ class LocalPlatform:
             str(port),
             "--bind",
             "127.0.0.1",
+            # The usage stream is the only record of served usage until the ledger ingests it:
+            # every write is on disk before Redis replies (gateway_durability "aof"), and a full
+            # Redis refuses writes rather than evicting budgets, reservations or the stream.
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--maxmemory-policy",
+            "noeviction",
             "--dir",
             str(data),
             "--daemonize",

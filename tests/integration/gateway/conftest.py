@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import signal
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 import redis
 
-from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, choose_quantum, hash_api_key
+from openledger.gateway.records import AgentConfig, AgentKeys, apikey_key, hash_api_key, period_id
 from openledger.local.processes import ManagedProcess, free_port, spawn, stop_pid, wait_ready
 from openledger.local.standin import serve_argv
 from openledger.money import to_base_units
@@ -142,6 +144,25 @@ def shared_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
     gw.stop()
 
 
+def redis_server(name: str, log_dir: Path, *extra: str) -> tuple[ManagedProcess, int]:
+    """A private redis-server (for tests that flush, stop or replicate it); returns it and its port."""
+    port = free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    data = log_dir / name  # a replica writes the primary's snapshot here
+    data.mkdir(exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data)]
+    process = spawn(name, [*argv, *extra], log_dir / f"{name}.log", detached=False)
+    wait_ready(process, lambda: bool(redis.Redis(port=port).ping()), 20)
+    return process, port
+
+
+@pytest.fixture
+def private_redis_port(tmp_path: Path) -> Iterator[int]:
+    process, port = redis_server("redis-private", tmp_path)
+    yield port
+    process.stop(10)
+
+
 @pytest.fixture
 def rds(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
@@ -181,14 +202,16 @@ def provision_agent(
         tokens_per_minute=tpm,
         max_concurrency=max_concurrency,
         budget_base_units=amount,
-        budget_quantum=choose_quantum(amount),
         budget_enforcement=enforcement,
         queue_max_depth=queue_max_depth,
         queue_max_wait_ms=queue_max_wait_ms,
         key_hash=hash_api_key(key),
         version=1,
     )
-    r.hset(AgentKeys(config.ref).config, mapping=config.to_fields())  # type: ignore[arg-type]
+    keys = AgentKeys(config.ref)
+    r.hset(keys.config, mapping=config.to_fields())  # type: ignore[arg-type]
+    if amount is not None:  # the operator creates the spend record once it knows the period's spend
+        r.hset(keys.spend, mapping={"period": period_id(config.budget_period, time.time()), "spent": "0"})
     r.set(apikey_key(config.key_hash), config.ref)
     return key
 
@@ -225,8 +248,10 @@ def usage_events(r: redis.Redis, stream: str, agent: str | None = None) -> list[
     return events
 
 
-def post(url: str, body: Any, key: str | None = None, timeout_s: float = 10) -> tuple[int, dict[str, str], Any]:
-    headers = {"Content-Type": "application/json"}
+def post(
+    url: str, body: Any, key: str | None = None, timeout_s: float = 10, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")

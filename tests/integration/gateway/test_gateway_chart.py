@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from openledger.local.platform import LocalPlatform
@@ -64,3 +65,36 @@ def test_rendered_gateway_is_accepted_by_the_api_server(local_platform: LocalPla
     result = local_platform.kubectl("apply", "--dry-run=server", "-f", "-", stdin=text, check=False)
     assert result.returncode == 0, result.stderr
     assert "horizontalpodautoscaler.autoscaling/ol-openledger-gateway created (server dry run)" in result.stdout
+
+
+def test_rollouts_drain_then_let_requests_in_flight_finish_and_be_metered() -> None:
+    [deployment] = _gateway(_render(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    upstream_s, shutdown_s = (
+        int(env["OPENLEDGER_GATEWAY_UPSTREAM_TIMEOUT_S"]),
+        int(env["OPENLEDGER_GATEWAY_SHUTDOWN_TIMEOUT_S"]),
+    )
+    pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop_s >= 1 and shutdown_s > upstream_s
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + shutdown_s
+    assert env["OPENLEDGER_GATEWAY_DURABILITY"] == "aof"
+    custom = _render("gateway.upstreamTimeoutSeconds=600", "gateway.preStopSleepSeconds=0")
+    [deployment] = _gateway(custom, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["OPENLEDGER_GATEWAY_SHUTDOWN_TIMEOUT_S"]) > 600 and "lifecycle" not in container
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 600
+
+
+def test_a_shutdown_shorter_than_the_upstream_timeout_is_refused() -> None:
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _render("gateway.shutdownTimeoutSeconds=30")
+    assert "gateway.shutdownTimeoutSeconds (30) must exceed gateway.upstreamTimeoutSeconds (60)" in failed.value.stderr
+
+
+def test_durability_policy_is_validated_by_the_schema() -> None:
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _render("gateway.durability.policy=fsync")
+    assert "durability" in failed.value.stderr

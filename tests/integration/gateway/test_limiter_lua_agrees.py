@@ -7,9 +7,9 @@ import random
 import pytest
 import redis
 
-from openledger.gateway.app import ADMIT
 from openledger.gateway.gcra import Limit, gcra_pair
 from openledger.gateway.records import AgentKeys, apikey_key
+from openledger.gateway.scripts import ADMIT, AdmitCode
 from tests.integration.gateway.conftest import provision_agent
 
 
@@ -38,7 +38,7 @@ def test_admit_script_matches_the_reference(
                 keys.config,
                 keys.inflight,
                 keys.reserved,
-                keys.spent("x"),
+                keys.spend,
                 keys.rate_requests,
                 keys.rate_tokens,
                 keys.queue,
@@ -59,7 +59,7 @@ def test_admit_script_matches_the_reference(
                 "0",
                 "",
                 "1",
-                "3600",
+                "x",
                 "0",
                 "",
                 "0",
@@ -68,12 +68,12 @@ def test_admit_script_matches_the_reference(
         req, tok = gcra_pair(tat_r, tat_t, now, requests, tokens, cost)
         expected_ok = req.allowed and tok.allowed
         if expected_ok:
-            assert reply[0] == 1, (i, reply, req, tok)
+            assert reply[0] == AdmitCode.ADMITTED, (i, reply, req, tok)
             allowed += 1
         elif tok.retry_after_us == -1:
-            assert reply[0] == -4
+            assert reply[0] == AdmitCode.TOO_MANY_TOKENS
         else:
-            assert reply[0] == -3, (i, reply, req, tok)
+            assert reply[0] == AdmitCode.RATE_LIMITED, (i, reply, req, tok)
             which = 1 if not req.allowed else 2
             wait = req.retry_after_us if which == 1 else tok.retry_after_us
             assert (reply[1], reply[2]) == (wait, which)

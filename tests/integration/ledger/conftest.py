@@ -7,6 +7,7 @@ this process (a thread, for fast behavioural tests) or as a real
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import threading
@@ -116,6 +117,18 @@ class LedgerEnv:
             "OPENLEDGER_LEDGER_BLOCK_MS": "100",
             "OPENLEDGER_LEDGER_VERIFY_INTERVAL_S": "0",
             "OPENLEDGER_LEDGER_METRICS_PORT": "0",
+            **extra,
+        }
+
+    def cli_env(self, **extra: str) -> dict[str, str]:
+        """Environment for a ledger CLI command that needs only PostgreSQL and Redis."""
+        return {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "OPENLEDGER_USAGE_STREAM": self.stream,
+            "OPENLEDGER_USAGE_DEAD_LETTER_STREAM": self.dead_letter_stream,
+            "OPENLEDGER_USAGE_CONSUMER_GROUP": self.group,
             **extra,
         }
 

@@ -143,14 +143,15 @@ def test_postgres_restarted_in_the_middle_of_a_batch(
     )
     try:
         ledger_env.produce(first)
-        time.sleep(2.5)  # a batch is written and waits before COMMIT
+        # A batch is written and waits before COMMIT (waited for: a loaded machine starts the worker late).
+        ledger_env.wait_for(lambda: '"action": "test_pause"' in worker.log_path.read_text(), 60, "a batch in flight")
         local_platform.restart_component("postgres")
         ledger_env.produce(second)
         wait_all(ledger_env, 4000, [worker], 120)
         log = worker.log_path.read_text()
     finally:
         worker.stop()
-    assert "batch write failed; retrying" in log
+    assert '"action": "write_retry"' in log  # the worker retried the batch
     assert_exactly_once(ledger_env, first + second)
 
 

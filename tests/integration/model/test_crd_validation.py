@@ -158,3 +158,55 @@ def test_kubectl_explain_teaches_the_api(local_platform: LocalPlatform) -> None:
     assert "minReplicas" in text and "scales to zero" in text
     text = local_platform.kubectl("explain", "rewardpool.spec.chain").stdout
     assert "distributorAddress" in text
+
+
+def _pool_manifest(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "openledger.io/v1alpha1",
+        "kind": "RewardPool",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "modelSelector": {"matchLabels": {"team": "a"}},
+            "epochSeconds": 3600,
+            "chain": {
+                "chainId": 31337,
+                "rpcUrlSecretRef": {"name": "chain", "key": "rpcUrl"},
+                "signerKeySecretRef": {"name": "chain", "key": "signerKey"},
+                "tokenAddress": ADDR,
+                "distributorAddress": "0x" + "d1" * 20,
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("chain", "distributorAddress"), "0x" + "d2" * 20, "spec.chain.distributorAddress"),
+        (("chain", "tokenAddress"), "0x" + "02" * 20, "spec.chain.tokenAddress"),
+        (("chain", "chainId"), 1, "spec.chain.chainId"),
+        (("chain", "tokenDecimals"), 6, "spec.chain.tokenDecimals"),
+        (("epochSeconds",), 60, "spec.epochSeconds"),
+    ],
+)
+def test_the_api_server_refuses_to_move_a_pools_settlement_to_another_identity(
+    kube: Kube, path: tuple[str, ...], value: Any, field: str
+) -> None:
+    name = "immutable-" + field.rsplit(".", 1)[-1].lower()
+    api = ("openledger.io", "v1alpha1", "default", "rewardpools")
+    kube.objects.create_namespaced_custom_object(*api, _pool_manifest(name))
+    try:
+        pool = kube.objects.get_namespaced_custom_object(*api, name)
+        pool["spec"]["protocolFeeBps"] = 300  # other fields stay editable
+        pool = kube.objects.replace_namespaced_custom_object(*api, name, pool)
+        target = pool["spec"]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(ApiException) as info:
+            kube.objects.replace_namespaced_custom_object(*api, name, pool)
+        assert info.value.status == 422, info.value.body
+        message = json.loads(info.value.body)["message"]
+        assert field in message and "immutable" in message and "new RewardPool" in message, message
+    finally:
+        kube.objects.delete_namespaced_custom_object(*api, name)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import psycopg
+
 from openledger.local.platform import LocalPlatform
 from openledger.settlement.chain.deploy import Deployment
 from openledger.settlement.chain.distributor import Distributor
@@ -11,6 +15,8 @@ from openledger.settlement.metrics import CHAIN_ERRORS
 from .conftest import Signer, mine
 from .test_settler_anvil import EPOCH_S, OWNER, POOL, settle, settler_for
 from .usage import ingest, usage_event
+
+DbConn = psycopg.Connection[Any]
 
 
 def chain_errors() -> float:
@@ -24,6 +30,7 @@ def test_chain_down_grows_the_backlog_then_one_transaction_catches_up(
     chain: Chain,
     signer: Signer,
     eth_rpc_url: str,
+    db_conn: DbConn,
 ) -> None:
     ingest(settle_db, [usage_event(POOL, OWNER) for _ in range(3)])
     with settler_for(deployment, signer, settle_db, eth_rpc_url) as settler:
@@ -50,8 +57,8 @@ def test_chain_down_grows_the_backlog_then_one_transaction_catches_up(
         state = Distributor(chain, deployment.distributor).state()
         assert state.epoch == 3 and state.cumulative_total == status.settled_total
         # Epoch 2 was covered by epoch 3's cumulative root: two publications in all.
-        published = settler.conn.execute("SELECT count(DISTINCT intent) FROM settlement_txs").fetchone()
-        superseded = settler.conn.execute("SELECT status FROM epochs WHERE pool = %s AND epoch = 2", (POOL,)).fetchone()
+        published = db_conn.execute("SELECT count(DISTINCT intent) FROM settlement_txs").fetchone()
+        superseded = db_conn.execute("SELECT status FROM epochs WHERE pool = %s AND epoch = 2", (POOL,)).fetchone()
         assert published is not None and published[0] == 2
         assert superseded is not None and superseded[0] == "superseded"
     mine(chain)

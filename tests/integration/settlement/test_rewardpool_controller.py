@@ -108,7 +108,7 @@ async def test_pool_binds_selected_models_settles_and_reports_status_without_sec
         got = body["status"]
         assert got["lastSettledEpoch"] > 0 and got["lastTxHash"].startswith("0x") and got["settledTotal"] != "0"
         conditions = {c["type"]: c["status"] for c in got["conditions"]}
-        assert conditions == {"ChainReachable": "True", "Settled": "True", "Ready": "True"}
+        assert conditions == {"ChainReachable": "True", "Settled": "True", "Ready": "True", "ModelsBound": "True"}
 
         events = await core.list_namespaced_event(ns)
         reasons = {e.reason for e in events.items}

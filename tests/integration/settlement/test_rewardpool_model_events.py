@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 
+from openledger.controllers.model import REDIS_SENTINEL_KEY
+from openledger.controllers.rewardpool import pool_models_key
 from openledger.local.platform import LocalPlatform
 from openledger.local.processes import ManagedProcess, free_port, spawn, tail, wait_ready
 from openledger.wire import PoolBinding, model_pool_key
@@ -25,6 +27,7 @@ from openledger.wire import PoolBinding, model_pool_key
 OWNER = "0x" + "0b" * 20
 DISTRIBUTOR = "0x" + "d2" * 20
 BIND_WITHIN_S = 2.0
+RESTORE_WITHIN_S = 5.0  # the Model controller checks Redis every 2 s (OPENLEDGER_OPERATOR_REDIS_CHECK_S)
 
 
 def apply(platform: LocalPlatform, doc: dict[str, Any]) -> None:
@@ -55,7 +58,7 @@ def wait_for(check: Callable[[], bool], within_s: float) -> float:
     return -1.0
 
 
-def test_a_model_created_after_its_pool_is_bound_at_once_and_unbound_when_relabelled(
+def test_a_model_created_after_its_pool_is_bound_at_once_restored_with_the_routes_and_unbound_when_relabelled(
     local_platform: LocalPlatform,
     platform_env: dict[str, str],
     settle_db: str,
@@ -122,6 +125,14 @@ def test_a_model_created_after_its_pool_is_bound_at_once_and_unbound_when_relabe
         apply(local_platform, model(ns, "late", {"team": "a"}))
         took = wait_for(lambda: r.get(key) is not None, BIND_WITHIN_S)
         assert took >= 0, f"no binding within {BIND_WITHIN_S}s\n{tail(process.log_path, 40)}"
+        raw = r.get(key)
+        assert raw is not None and PoolBinding.from_json(raw) == PoolBinding(pool=f"{ns}/pool", fee_bps=250)
+
+        # Redis restarted empty (the sentinel, the routes and the bindings gone): the binding comes back with
+        # the routes, in the Model controller's restore pass, not at the pool's next settle tick (300 s away).
+        r.delete(REDIS_SENTINEL_KEY, key, pool_models_key(ns, "pool"))
+        took = wait_for(lambda: r.get(key) is not None, RESTORE_WITHIN_S)
+        assert took >= 0, f"no binding {RESTORE_WITHIN_S}s after Redis lost it\n{tail(process.log_path, 40)}"
         raw = r.get(key)
         assert raw is not None and PoolBinding.from_json(raw) == PoolBinding(pool=f"{ns}/pool", fee_bps=250)
 

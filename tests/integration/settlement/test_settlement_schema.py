@@ -20,6 +20,7 @@ def test_settlement_migration_matches_the_schema_module(settle_db: str) -> None:
         "settlement_nonces",
         "settlement_payouts",
         "settlement_epoch_totals",
+        "settlement_pools",
     } == SETTLEMENT_TABLES
 
     def ours(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:

@@ -1,0 +1,76 @@
+"""The answer leaves only once its usage event is durable by ``gateway_durability``.
+
+``wait``: a private Redis primary with one replica; losing the replica makes the
+wait fail, and the gateway withholds the answer (503) while the event stays
+written, so a retry with the same Idempotency-Key gets the answer, charged once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from openledger.local.processes import ManagedProcess
+from tests.integration.gateway.conftest import (
+    IRIS_ROW,
+    GatewayProcess,
+    ModelServers,
+    post,
+    provision_agent,
+    redis_server,
+    route_model,
+    usage_events,
+)
+from tests.waiting import wait_for
+
+
+def _replica(name: str, log_dir: Path, primary: int) -> ManagedProcess:
+    process, port = redis_server(name, log_dir, "--replicaof", "127.0.0.1", str(primary))
+    link = redis.Redis(port=port)
+    wait_for(lambda: link.info("replication")["master_link_status"] == "up", 20, f"{name} in sync")
+    return process
+
+
+def test_platform_redis_persists_every_write_and_never_evicts(rds: redis.Redis) -> None:
+    config = rds.config_get("*")
+    assert (config["appendonly"], config["appendfsync"]) == ("yes", "always")
+    assert config["maxmemory-policy"] == "noeviction"
+
+
+def test_answer_waits_for_a_replica_and_is_withheld_but_metered_without_one(
+    private_redis_port: int,
+    tmp_path: Path,
+    start_gateway: Callable[..., GatewayProcess],
+    model_servers: ModelServers,
+    namespace: str,
+) -> None:
+    primary = private_redis_port
+    replica = _replica("redis-replica", tmp_path, primary)
+    r = redis.Redis(port=primary)
+    key = provision_agent(r, namespace, budget="1000")
+    route_model(r, namespace, "iris", model_servers.iris_url)
+    gw = start_gateway(redis=f"redis://127.0.0.1:{primary}/0", durability="wait", durability_timeout_ms="300")
+    url = f"{gw.url}/v1/models/iris:predict"
+    body = {"instances": [IRIS_ROW]}
+    first = post(url, body, key)
+    assert first[0] == 200, first
+
+    replica.stop(10)
+    wait_for(lambda: r.info("replication")["connected_slaves"] == 0, 20, "replica gone")
+    idem = {"Idempotency-Key": f"k-{secrets.token_hex(4)}"}
+    status, headers, err = post(url, body, key, headers=idem)
+    assert status == 503 and "not confirmed durable" in err["error"], err
+    event_id = headers["x-openledger-event-id"]
+    ids = [e["id"] for e in usage_events(r, gw.stream, f"{namespace}/agent")]
+    assert ids.count(event_id) == 1 and len(ids) == 2  # written (charged) once, answer withheld
+
+    replica = _replica("redis-replica-2", tmp_path, primary)
+    try:
+        status, headers, answer = post(url, body, key, headers=idem)
+        assert status == 200 and headers["x-openledger-event-id"] == event_id, answer
+        assert len(usage_events(r, gw.stream, f"{namespace}/agent")) == 2  # the retry was not charged again
+    finally:
+        replica.stop(10)
