@@ -103,14 +103,17 @@ NOT_OWNED_RETRY_S = 60  # an Agent naming a Secret it does not own checks again 
 # and its consumer group — atomically. A new budget period kind (Day -> Hour) drops
 # the spend record: its period id would not compare with the gateway's; the
 # operator rebuilds it for the new period. No money passes through this script.
-# KEYS: config, new apikey, old apikey (or the new one again), queue, spend.
+# KEYS: config, new apikey, old apikey (or the new one again), queue, spend, spend_gen,
+# inflight, reserved.
 # ARGV: ref, expected old hash ("" = none), budget period, field, value…
 _APPLY = """
 local current = redis.call('HGET', KEYS[1], 'key_hash') or ''
 if current ~= ARGV[2] then return -1 end
 local old_period = redis.call('HGET', KEYS[1], 'period')
 if old_period and old_period ~= ARGV[3] then redis.call('DEL', KEYS[5]) end
-redis.call('PERSIST', KEYS[5])  -- a revoked Agent's expiring record, if it is created again
+-- A revoked Agent created again: its expiring records (spend, its counter, in-flight slots and
+-- reservations, which revoke left to expire) are live again.
+for i = 5, 8 do redis.call('PERSIST', KEYS[i]) end
 local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') + 1
 redis.call('DEL', KEYS[1])
 local fields = {}
@@ -212,7 +215,8 @@ async def write_config(config: AgentConfig, previous: AgentConfig | None) -> int
         argv += [k, v]
     old_key = apikey_key(old_hash) if old_hash else apikey_key(config.key_hash)
     version = await _redis().eval(
-        _APPLY, 5, keys.config, apikey_key(config.key_hash), old_key, keys.queue, keys.spend, *argv
+        _APPLY, 8, keys.config, apikey_key(config.key_hash), old_key, keys.queue, keys.spend, keys.spend_gen,
+        *keys.in_flight_keys(), *argv
     )
     if int(version) < 0:
         raise kopf.TemporaryError("agent config changed concurrently; retrying", delay=1)

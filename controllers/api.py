@@ -528,15 +528,15 @@ def rewardpool_spec_schema() -> Schema:
                     "rpcUrlSecretRef": _secret_key_ref("Secret key holding the JSON-RPC URL."),
                     "signerKeySecretRef": _secret_key_ref("Secret key holding the settlement signer's private key."),
                     "tokenAddress": _immutable(_address("ERC-20 token paid out."), "chain.tokenAddress"),
-                    "tokenDecimals": _immutable(
-                        _integer(
-                            "Decimals of the token (base units per whole token = 10^decimals). A Model whose"
-                            " pricing.decimals differs is not bound to the pool (condition ModelsBound).",
-                            minimum=0,
-                            maximum=36,
-                            default=18,
-                        ),
-                        "chain.tokenDecimals",
+                    "tokenDecimals": _integer(
+                        "Decimals of the token (base units per whole token = 10^decimals); unset means 18."
+                        " A Model whose pricing.decimals differs is not bound to the pool (condition"
+                        " ModelsBound). May be set once on a pool created without it (no default, so pools"
+                        " from before this field can declare their token's decimals); immutable once set: "
+                        + _MIGRATE
+                        + ".",
+                        minimum=0,
+                        maximum=36,
                     ),
                     "distributorAddress": _immutable(
                         _address("The cumulative Merkle distributor contract; it serves this pool only."),
@@ -547,6 +547,14 @@ def rewardpool_spec_schema() -> Schema:
                     ),
                 },
                 required=["chainId", "rpcUrlSecretRef", "signerKeySecretRef", "tokenAddress", "distributorAddress"],
+                rules=[
+                    _rule(
+                        "!has(oldSelf.tokenDecimals) || (has(self.tokenDecimals)"
+                        " && self.tokenDecimals == oldSelf.tokenDecimals)",
+                        f"chain.tokenDecimals is immutable once set: {_MIGRATE}",
+                        ".tokenDecimals",
+                    )
+                ],
             ),
             "paused": _boolean("Stop settling (usage keeps accruing; nothing is lost).", default=False),
         },

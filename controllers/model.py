@@ -23,6 +23,7 @@ The handlers get the shared clients from Kopf's ``memo`` (``memo.kube``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -472,14 +473,16 @@ async def redis_was_reset(redis: Any | None) -> bool:
         return False
 
 
-async def _restore_pool_bindings(memo: kopf.Memo) -> None:
+async def _restore_pool_bindings(memo: kopf.Memo) -> bool:
     from openledger.controllers.rewardpool import restore_bindings
 
     try:
         await restore_bindings(memo)
-    except Exception as exc:  # noqa: BLE001 - Kubernetes or Redis down: the pools' timers restore them later
+    except Exception as exc:  # noqa: BLE001 - Kubernetes or Redis down: retried on the next check
         ERRORS.labels(KIND, "PoolBindings").inc()
         log.warning("pool bindings not restored", extra={"action": "restore", "error": str(exc)[:200]})
+        return False
+    return True
 
 
 @kopf.on.startup()
@@ -492,9 +495,12 @@ async def _model_startup(memo: kopf.Memo, **_: Any) -> None:
         while True:
             await asyncio.sleep(rec.settings.operator_redis_check_s)
             reset = await redis_was_reset(rec.redis)
-            if reset:
-                # Pool bindings first, then routes: a Model is never routable without its pool.
-                await _restore_pool_bindings(memo)
+            if reset and not await _restore_pool_bindings(memo):
+                # Pool bindings first, then routes: a Model is never routable without its pool, so
+                # no route comes back before its binding (the next check tries both again).
+                with contextlib.suppress(Exception):
+                    await rec.redis.delete(REDIS_SENTINEL_KEY)  # type: ignore[union-attr]  # reset implies a client
+                continue
             if reset or loop.time() - last_full >= rec.settings.operator_resync_s:
                 await rec.resync()
                 last_full = loop.time()

@@ -67,10 +67,16 @@ def check_secrets(rpc_url: str, signer_key: str) -> None:
         raise RewardPoolSpecError("spec.chain.signerKeySecretRef: the value is not a private key (0x + 64 hex)")
 
 
+# Unset ``spec.chain.tokenDecimals`` means this (the ERC-20 convention). Not a schema default:
+# a default would make the field immutable at 18 for pools created before it existed.
+DEFAULT_TOKEN_DECIMALS = 18
+
+
 def token_decimals(spec: Mapping[str, Any]) -> int:
-    """Decimals of the pool's token (``spec.chain.tokenDecimals``, defaulted by the schema)."""
-    chain = defaulted_spec("RewardPool", spec).get("chain") or {}
-    return int(chain.get("tokenDecimals", 18)) if isinstance(chain, Mapping) else 18
+    """Decimals of the pool's token (``spec.chain.tokenDecimals``; unset means 18)."""
+    chain = spec.get("chain") or {}
+    value = chain.get("tokenDecimals") if isinstance(chain, Mapping) else None
+    return DEFAULT_TOKEN_DECIMALS if value is None else int(value)
 
 
 def pool_config(namespace: str, name: str, raw_spec: Mapping[str, Any]) -> PoolConfig:
@@ -80,7 +86,7 @@ def pool_config(namespace: str, name: str, raw_spec: Mapping[str, Any]) -> PoolC
     if not isinstance(chain, Mapping):
         raise RewardPoolSpecError("spec.chain: required")
     try:
-        min_payout = to_base_units(str(spec["minPayout"]), int(chain["tokenDecimals"]), "spec.minPayout")
+        min_payout = to_base_units(str(spec["minPayout"]), token_decimals(spec), "spec.minPayout")
     except MoneyError as exc:
         raise RewardPoolSpecError(str(exc)) from None
     if "chainId" not in chain:

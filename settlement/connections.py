@@ -38,6 +38,10 @@ class DatabaseUnavailable(Exception):
     temporary = True
 
 
+class PoolBusy(DatabaseUnavailable):
+    """Every connection stayed lent for the whole wait: PostgreSQL may be fine, the settlers are slow."""
+
+
 class ConnectionPool:
     """At most ``max_size`` autocommit connections to ``url``, lent one pass at a time."""
 
@@ -72,9 +76,7 @@ class ConnectionPool:
         if self._closed:
             raise DatabaseUnavailable("the connection pool is closed")
         if not self._slots.acquire(timeout=self.acquire_timeout_s):
-            raise DatabaseUnavailable(
-                f"no database connection within {self.acquire_timeout_s:g} s (all {self.max_size} in use)"
-            )
+            raise PoolBusy(f"no database connection within {self.acquire_timeout_s:g} s (all {self.max_size} in use)")
         conn: Conn | None = None
         try:
             conn = self._take()

@@ -54,7 +54,7 @@ from openledger.settlement.chain.decisions import FeePolicy
 from openledger.settlement.chain.distributor import PUBLISH_GAS, Distributor, DistributorState, publish_calldata
 from openledger.settlement.chain.rpc import Chain, make_web3
 from openledger.settlement.chain.txmanager import TxManager
-from openledger.settlement.connections import ConnectionPool, DatabaseUnavailable
+from openledger.settlement.connections import ConnectionPool, DatabaseUnavailable, PoolBusy
 from openledger.settlement.crash import crash_point
 from openledger.settlement.errors import ChainUnavailable, ContractReverted, invariant
 from openledger.settlement.metrics import (
@@ -300,7 +300,8 @@ class Settler:
             with self.db.connection() as conn:
                 status = self._locked_pass(conn, current)
         except (DatabaseUnavailable, psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            DATABASE_UP.labels(self.config.pool).set(0)
+            if not isinstance(exc, PoolBusy):  # a busy pool says nothing about PostgreSQL itself
+                DATABASE_UP.labels(self.config.pool).set(0)
             log.warning(
                 "database unavailable",
                 extra={"action": "settle.db_down", "pool": self.config.pool, "error": type(exc).__name__},

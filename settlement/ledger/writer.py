@@ -35,7 +35,6 @@ from openledger.settlement.ledger.ingest import (
     assemble,
     record_fields,
 )
-from openledger.settlement.ledger.journal import JOURNAL_LOCK_KEY as JOURNAL_LOCK_KEY  # re-exported (epochs)
 from openledger.settlement.ledger.journal import array_literal
 
 log = logging.getLogger(__name__)

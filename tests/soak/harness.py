@@ -411,11 +411,15 @@ class Soak:
             stored = {str(r[0]) for r in conn.execute("SELECT event_id FROM usage_events").fetchall()}
             report.ledger_events = len(stored)
             report.unmetered_ok += [i for i in ids if i not in stored]
-            for agent, budget in self.budgets.items():
-                row = conn.execute("SELECT coalesce(sum(cost), 0) FROM usage_events WHERE agent = %s", (agent,))
-                spent = int(row.fetchone()[0])  # type: ignore[index]
-                if spent > budget:
-                    report.budget_overruns[agent] = (spent, budget)
+            for agent, budget in self.budgets.items():  # Day budgets: per UTC day of the finish time
+                rows = conn.execute(
+                    "SELECT finished_at_ms / 86400000 AS day, sum(cost) FROM usage_events WHERE agent = %s"
+                    " GROUP BY day",
+                    (agent,),
+                ).fetchall()
+                for _, spent in rows:
+                    if int(spent) > budget:
+                        report.budget_overruns[agent] = (int(spent), budget)
         self._phase(self._check_chain)
         verify = _cli(self.env, "ledger", "verify")
         report.verify_ok = verify.returncode == 0

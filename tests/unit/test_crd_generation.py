@@ -99,5 +99,5 @@ def test_builders_read_specs_with_the_schema_defaults_written_once() -> None:
     assert spec["contributors"][0]["role"] == "data"  # array items too
     assert "canary" not in spec  # no default, not invented
     pool = defaulted_spec("RewardPool", {"chain": {"chainId": 1, "confirmations": 5}})
-    assert pool["chain"] == {"chainId": 1, "confirmations": 5, "tokenDecimals": 18}  # given values are kept
+    assert pool["chain"] == {"chainId": 1, "confirmations": 5}  # given values are kept; tokenDecimals has no default
     assert defaulted_spec("RewardPool", None)["epochSeconds"] == 3600

@@ -175,9 +175,10 @@ async def test_revocation_ends_access_and_leaves_in_flight_reservations_to_expir
     assert 60_000 < ttl_ms < 600_000  # minutes: outlives a request, never lingers
     for key in (*keys.in_flight_keys(), keys.spend):  # the spend record takes the late settles
         assert 0 < await controller.pttl(key) <= ttl_ms
-    # The same Agent created again: its spend record is permanent again.
+    # The same Agent created again: its records are permanent again (its live slots included).
     await agent.write_config(config, None)
-    assert await controller.pttl(keys.spend) == -1
+    for key in (*keys.in_flight_keys(), keys.spend):
+        assert await controller.pttl(key) == -1
 
 
 async def test_a_rebuild_for_a_config_no_longer_in_redis_writes_nothing(

@@ -185,7 +185,7 @@ def _pool_manifest(name: str) -> dict[str, Any]:
         (("chain", "distributorAddress"), "0x" + "d2" * 20, "spec.chain.distributorAddress"),
         (("chain", "tokenAddress"), "0x" + "02" * 20, "spec.chain.tokenAddress"),
         (("chain", "chainId"), 1, "spec.chain.chainId"),
-        (("chain", "tokenDecimals"), 6, "spec.chain.tokenDecimals"),
+        (("chain", "tokenDecimals"), 6, "spec.chain.tokenDecimals"),  # created with 18 (below)
         (("epochSeconds",), 60, "spec.epochSeconds"),
     ],
 )
@@ -194,7 +194,9 @@ def test_the_api_server_refuses_to_move_a_pools_settlement_to_another_identity(
 ) -> None:
     name = "immutable-" + field.rsplit(".", 1)[-1].lower()
     api = ("openledger.io", "v1alpha1", "default", "rewardpools")
-    kube.objects.create_namespaced_custom_object(*api, _pool_manifest(name))
+    manifest = _pool_manifest(name)
+    manifest["spec"]["chain"]["tokenDecimals"] = 18
+    kube.objects.create_namespaced_custom_object(*api, manifest)
     try:
         pool = kube.objects.get_namespaced_custom_object(*api, name)
         pool["spec"]["protocolFeeBps"] = 300  # other fields stay editable
@@ -208,5 +210,27 @@ def test_the_api_server_refuses_to_move_a_pools_settlement_to_another_identity(
         assert info.value.status == 422, info.value.body
         message = json.loads(info.value.body)["message"]
         assert field in message and "immutable" in message and "new RewardPool" in message, message
+    finally:
+        kube.objects.delete_namespaced_custom_object(*api, name)
+
+
+def test_a_pool_created_without_token_decimals_may_declare_them_once(kube: Kube) -> None:
+    """Pools from before ``tokenDecimals`` existed (unset = 18) can declare a 6-decimals token, once."""
+    name = "decimals-once"
+    api = ("openledger.io", "v1alpha1", "default", "rewardpools")
+    kube.objects.create_namespaced_custom_object(*api, _pool_manifest(name))
+    try:
+        pool = kube.objects.get_namespaced_custom_object(*api, name)
+        assert "tokenDecimals" not in pool["spec"]["chain"]  # no default: unset stays unset
+        pool["spec"]["chain"]["tokenDecimals"] = 6
+        pool = kube.objects.replace_namespaced_custom_object(*api, name, pool)
+        pool["spec"]["chain"]["tokenDecimals"] = 18
+        with pytest.raises(ApiException) as info:
+            kube.objects.replace_namespaced_custom_object(*api, name, pool)
+        message = json.loads(info.value.body)["message"]
+        assert "spec.chain.tokenDecimals" in message and "immutable" in message, message
+        del pool["spec"]["chain"]["tokenDecimals"]
+        with pytest.raises(ApiException):  # unsetting it is a change too
+            kube.objects.replace_namespaced_custom_object(*api, name, pool)
     finally:
         kube.objects.delete_namespaced_custom_object(*api, name)

@@ -7,13 +7,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
+import pytest
 
 from openledger.controllers import rewardpool_builder as rb
 from openledger.local.platform import LocalPlatform
 from openledger.settlement.chain.decisions import FeePolicy
 from openledger.settlement.chain.deploy import Deployment
 from openledger.settlement.chain.rpc import Chain
-from openledger.settlement.connections import ConnectionPool
+from openledger.settlement.connections import ConnectionPool, PoolBusy
 from openledger.settlement.metrics import DATABASE_UP
 from openledger.settlement.settler import ChainSecrets, PoolConfig, Settler
 
@@ -117,3 +118,17 @@ def test_a_hundred_pools_share_a_bounded_number_of_connections(settle_db: str, e
     assert all(s.database_available and s.last_settled_epoch == 1 for s in statuses), statuses[:3]
     assert db.peak_open <= POOL_SIZE and 1 <= peak <= POOL_SIZE, (db.peak_open, peak)
     print(f"{POOLS} pools, pool size {POOL_SIZE}: peak {peak} connections, {took_s:.2f} s for one pass of each")
+
+
+def test_a_busy_connection_pool_is_not_reported_as_postgres_down(settle_db: str) -> None:
+    """Every connection lent for the whole wait: the pass is refused, PostgreSQL is not declared down."""
+    pool = ConnectionPool(settle_db, max_size=1, acquire_timeout_s=0.2)
+    try:
+        with pool.connection() as held:
+            held.execute("SELECT 1")
+            with pytest.raises(PoolBusy, match="all 1 in use"), pool.connection():
+                pass
+        with pool.connection() as again:  # given back: lent again at once
+            assert again.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pool.close()
