@@ -215,8 +215,16 @@ async def write_config(config: AgentConfig, previous: AgentConfig | None) -> int
         argv += [k, v]
     old_key = apikey_key(old_hash) if old_hash else apikey_key(config.key_hash)
     version = await _redis().eval(
-        _APPLY, 8, keys.config, apikey_key(config.key_hash), old_key, keys.queue, keys.spend, keys.spend_gen,
-        *keys.in_flight_keys(), *argv
+        _APPLY,
+        8,
+        keys.config,
+        apikey_key(config.key_hash),
+        old_key,
+        keys.queue,
+        keys.spend,
+        keys.spend_gen,
+        *keys.in_flight_keys(),
+        *argv,
     )
     if int(version) < 0:
         raise kopf.TemporaryError("agent config changed concurrently; retrying", delay=1)
