@@ -9,7 +9,7 @@ VENV ?= $(CACHE)/venv-$(DEPS_KEY)
 PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: up down status test unit lint bench soak crds system-deps venv install clean
+.PHONY: up image down status test unit lint bench soak crds system-deps venv install clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -18,7 +18,10 @@ $(VENV)/.complete:
 	@echo "[openledger] creating virtualenv $(VENV) (first run only)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -e '.[serving,dev]'
+	@# llama-cpp-python: built from source once (portable flags), its wheel cached in $(CACHE) by version.
+	@wheels=$$(OPENLEDGER_CACHE_DIR=$(CACHE) PYTHONPATH=operator $(PY) -m openledger.local.llm wheel) \
+	  && $(PY) -m pip install --quiet --find-links "$$wheels" -e '.[serving,dev]'
+	@$(PY) -m pip install --quiet --no-deps $$($(PYTHON) scripts/deps_key.py --no-deps)
 	@touch $@
 
 venv: $(VENV)/.complete
@@ -31,6 +34,11 @@ install: system-deps venv
 
 up: install
 	@$(PY) -m openledger.cli local up
+
+# The product image (Containerfile) from Debian-made bases with buildah, as an OCI archive for
+# containerd; cached in $(CACHE)/images by the hash of its inputs. Prints IMAGE_* lines.
+image: install
+	@$(PY) -m openledger.local.image
 
 down:
 	@if [ -x $(PY) ]; then $(PY) -m openledger.cli local down; fi

@@ -21,11 +21,23 @@ Figures (medians of ``RUNS`` runs):
   run) — the per-core figure, independent of how busy the shared CPU 1 is.
 
 Run: ``.venv/bin/pytest bench/bench_gateway.py -m bench -s`` -> ``bench/results/gateway.json``.
+
+Streaming (``test_streaming_time_to_first_token`` -> ``bench/results/gateway-streaming.json``):
+time to first token direct to a streaming model vs through the gateway, serial
+requests on one keep-alive connection, batches alternating, and the same gateway's
+added latency on a non-streamed request in the same run for scale. With
+``GATEWAY_BENCH_BASELINE_PYTHONPATH`` set to a tree holding the previous code
+(``git archive HEAD operator gateway | tar -x -C /tmp/base``, with its
+``operator/openledger/{gateway,controllers,settlement}`` links pointing at real
+folders), ``test_nonstreaming_before_after`` runs a second gateway on that code and
+alternates the same wrk loads through both (p50/p99, rps, gateway CPU per request).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import os
 import platform
@@ -228,10 +240,14 @@ def _pin(pid: int, cpu: int) -> None:
         os.sched_setaffinity(pid, {cpu})
 
 
-def _spawn_gateway(tmp: Path, redis_url: str, port: int, stream: str, **settings: str) -> ManagedProcess:
-    """A gateway pinned to CPU 0; ``settings`` are OPENLEDGER_GATEWAY_* values."""
+def _spawn_gateway(
+    tmp: Path, redis_url: str, port: int, stream: str, pythonpath: str | None = None, **settings: str
+) -> ManagedProcess:
+    """A gateway pinned to CPU 0; ``settings`` are OPENLEDGER_GATEWAY_* values; ``pythonpath``: other code."""
     env = {"REDIS_URL": redis_url, "OPENLEDGER_USAGE_STREAM": stream, "OPENLEDGER_LOG_LEVEL": "WARNING"}
     env.update({f"OPENLEDGER_GATEWAY_{k.upper()}": v for k, v in settings.items()})
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     argv = [sys.executable, "-m", "openledger.cli", "gateway", "--port", str(port), "--metrics-port", "0", "--cpu", "0"]
     return spawn("gateway", argv, tmp / f"gateway-{port}.log", detached=False, env=env)
 
@@ -565,3 +581,240 @@ def test_durability_policies_cost(durability_stacks: dict[str, Any]) -> None:
     DURABILITY_RESULTS.parent.mkdir(parents=True, exist_ok=True)
     DURABILITY_RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "all_runs"}, indent=2))
+
+
+# ------------------------------------------------- streaming: time to first token
+
+STREAM_RESULTS = Path(__file__).parent / "results" / "gateway-streaming.json"
+# The code to compare the non-streaming path against (a PYTHONPATH whose ``openledger`` is the previous
+# version, e.g. an unpacked ``git archive HEAD operator gateway``); unset: no before/after comparison.
+BASELINE_PYTHONPATH = os.environ.get("GATEWAY_BENCH_BASELINE_PYTHONPATH", "")
+STREAM_REQUESTS = int(os.environ.get("GATEWAY_BENCH_STREAM_REQUESTS", "200"))  # per batch
+STREAM_CHUNKS = 8  # events after the first, ``STREAM_GAP_MS`` apart
+STREAM_GAP_MS = float(os.environ.get("GATEWAY_BENCH_STREAM_GAP_MS", "1"))  # between events
+STREAM_BODY = json.dumps(
+    {"model": "sse", "messages": [{"role": "user", "content": "count"}], "max_tokens": 16, "stream": True}
+).encode()
+
+
+def serve_sse_upstream(port: int) -> None:
+    """A minimal streaming model: the first event at once, then ``STREAM_CHUNKS`` more, usage if asked, [DONE]."""
+    import httptools
+    import uvloop
+
+    def frame(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    def event(text: str) -> bytes:
+        chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]}
+        return frame(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": STREAM_CHUNKS + 1}}
+    tail = frame(b"data: " + json.dumps(usage).encode() + b"\n\n") + frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_complete(self) -> None:
+            self.transport.write(head + event("t0 "))
+            loop = asyncio.get_running_loop()
+            for i in range(1, STREAM_CHUNKS + 1):
+                loop.call_later(i * STREAM_GAP_MS / 1000, self.transport.write, event(f"t{i} "))
+            loop.call_later((STREAM_CHUNKS + 1) * STREAM_GAP_MS / 1000, self.transport.write, tail)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Proto, "127.0.0.1", port, backlog=1024)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def measure_ttft(port: int, path: str, key: str | None, requests: int) -> list[float]:
+    """Serial streamed requests on one keep-alive connection; ms from sending to the first text event."""
+    import socket
+
+    auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+    request = (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), auth, len(STREAM_BODY), STREAM_BODY)
+    )
+    ttft: list[float] = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            sock.sendall(request)
+            buffer = b""
+            first = 0.0
+            while not buffer.endswith(b"0\r\n\r\n"):
+                data = sock.recv(65536)
+                assert data, "connection closed mid-stream"
+                buffer += data
+                if not first and b'"content"' in buffer:
+                    first = time.perf_counter()
+            assert b" 200 OK" in buffer[:20] and b"[DONE]" in buffer, buffer[:300]
+            ttft.append((first - t0) * 1000)
+    return ttft
+
+
+def measure_latency(port: int, path: str, key: str | None, requests: int) -> list[float]:
+    """Serial non-streamed requests (BODY, JSON answer) on one keep-alive connection; ms each."""
+    import socket
+
+    auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+    body = BODY.encode()
+    request = (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), auth, len(body), body)
+    )
+    latencies: list[float] = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            sock.sendall(request)
+            buffer = sock.recv(65536)
+            while b"predictions" not in buffer:
+                buffer += sock.recv(65536)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            assert b" 200 OK" in buffer[:20], buffer[:300]
+    return latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+@pytest.fixture(scope="module")
+def stream_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("bench-stream")
+    sse_port, fast_port, gw_port, base_port = free_port(), free_port(), free_port(), free_port()
+    here = str(Path(__file__).parent)
+    procs: list[ManagedProcess] = []
+    for name, serve, port in (("sse", "serve_sse_upstream", sse_port), ("fast", "serve_fast_upstream", fast_port)):
+        code = f"import sys; sys.path.insert(0, {here!r}); import bench_gateway as b; b.{serve}({port})"
+        procs.append(spawn(f"{name}-upstream", [sys.executable, "-c", code], tmp / f"{name}.log", detached=False))
+    stream = f"openledger:usage:bench-stream:{secrets.token_hex(3)}"
+    procs.append(_spawn_gateway(tmp, redis_url, gw_port, stream))
+    if BASELINE_PYTHONPATH:
+        procs.append(_spawn_gateway(tmp, redis_url, base_port, stream + ":baseline", BASELINE_PYTHONPATH))
+    try:
+        wait_ready(procs[0], lambda: _tcp(sse_port), 30)
+        wait_ready(procs[1], lambda: _tcp(fast_port), 30)
+        for proc, port in zip(procs[2:], (gw_port, base_port), strict=False):
+            wait_ready(proc, functools.partial(_http_ok, f"http://127.0.0.1:{port}/healthz"), 60)
+        _pin(procs[0].pid, 1)
+        _pin(procs[1].pid, 1)
+        for proc in procs:
+            _boost(proc.pid)
+        r = redis.Redis.from_url(redis_url)
+        key = _provision(r, {"sse": sse_port, "fast": fast_port})
+        ns = r.get(apikey_key(hash_api_key(key))).decode().split("/")[0]  # type: ignore[union-attr]
+        route = ModelRoute.from_json(r.get(model_route_key(ns, "sse")))  # type: ignore[arg-type]
+        r.set(model_route_key(ns, "sse"), dataclasses.replace(route, protocol="openai").to_json())
+        pids = {"after": procs[2].pid, "before": procs[3].pid if BASELINE_PYTHONPATH else 0}
+        yield {"key": key, "sse_port": sse_port, "fast_port": fast_port, "gw_port": gw_port, "base_port": base_port,
+               "redis": r, "stream": stream, "tmp": tmp, "pids": pids}  # fmt: skip
+        r.delete(stream, stream + ":baseline")
+        r.close()
+    finally:
+        for proc in procs:
+            proc.stop(10)
+
+
+def test_streaming_time_to_first_token(stream_stack: dict[str, Any]) -> None:
+    """Time to first token direct to the model vs through the gateway, batches alternating."""
+    s = stream_stack
+    direct_path, gw_path = "/openai/v1/chat/completions", "/v1/chat/completions"
+    measure_ttft(s["gw_port"], gw_path, s["key"], 20)  # warm caches, connections, scripts
+    events_before = s["redis"].xlen(s["stream"])
+    load_at_start = round(os.getloadavg()[0], 2)
+    direct: list[float] = []
+    through: list[float] = []
+    plain_direct: list[float] = []
+    plain_through: list[float] = []
+    fast_path = "/v1/models/fast:predict"
+    measure_latency(s["gw_port"], fast_path, s["key"], 20)
+    for _ in range(RUNS):
+        direct += measure_ttft(s["sse_port"], direct_path, None, STREAM_REQUESTS)
+        through += measure_ttft(s["gw_port"], gw_path, s["key"], STREAM_REQUESTS)
+        plain_direct += measure_latency(s["fast_port"], fast_path, None, STREAM_REQUESTS)
+        plain_through += measure_latency(s["gw_port"], fast_path, s["key"], STREAM_REQUESTS)
+    assert s["redis"].xlen(s["stream"]) - events_before == len(through) + len(plain_through) + 20  # one event each
+    report = {
+        "benchmark": "streaming time to first token: direct to the model vs through the gateway (auth, limits, "
+        "Hard budget reservation, SSE relay with usage metering, settle before [DONE])",
+        "requests": {"direct": len(direct), "gateway": len(through)},
+        "connections": 1,
+        "upstream": f"first event at once, then {STREAM_CHUNKS} events {STREAM_GAP_MS} ms apart, usage, [DONE]",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_1m_at_start": load_at_start,
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        },
+        "direct_ttft_p50_ms": round(_pct(direct, 0.5), 3),
+        "direct_ttft_p99_ms": round(_pct(direct, 0.99), 3),
+        "gateway_ttft_p50_ms": round(_pct(through, 0.5), 3),
+        "gateway_ttft_p99_ms": round(_pct(through, 0.99), 3),
+        "added_ttft_p50_ms": round(_pct(through, 0.5) - _pct(direct, 0.5), 3),
+        "added_ttft_p99_ms": round(_pct(through, 0.99) - _pct(direct, 0.99), 3),
+        # The same gateway's added latency on a non-streamed request in the same run, for scale:
+        # both include the admission (one EVALSHA, fsynced under the default ``aof`` policy).
+        "nonstream_added_p50_ms": round(_pct(plain_through, 0.5) - _pct(plain_direct, 0.5), 3),
+        "nonstream_added_p99_ms": round(_pct(plain_through, 0.99) - _pct(plain_direct, 0.99), 3),
+        "targets": {"added_ttft_p50_ms_max": 1.0},
+        "meets_targets": {"added_ttft_p50": _pct(through, 0.5) - _pct(direct, 0.5) <= 1.0},
+    }
+    STREAM_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    STREAM_RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+def test_nonstreaming_before_after(stream_stack: dict[str, Any]) -> None:
+    """The non-streamed path of this code vs the baseline code, same upstream, same run, batches alternating."""
+    if not BASELINE_PYTHONPATH:
+        pytest.skip("set GATEWAY_BENCH_BASELINE_PYTHONPATH to the previous code to compare against")
+    s = stream_stack
+    path = "/v1/models/fast:predict"
+    urls = {"after": f"http://127.0.0.1:{s['gw_port']}{path}", "before": f"http://127.0.0.1:{s['base_port']}{path}"}
+    for port in (s["gw_port"], s["base_port"]):
+        measure_latency(port, path, s["key"], 50)
+    rows: dict[str, dict[int, list[dict[str, float]]]] = {"before": {}, "after": {}, "direct": {}}
+    for c in LATENCY_CONNECTIONS:
+        for _ in range(RUNS):
+            rows["direct"].setdefault(c, []).append(load(f"http://127.0.0.1:{s['fast_port']}{path}", c, None, s["tmp"]))
+            for name in ("before", "after"):
+                cpu0 = _cpu_s(s["pids"][name])
+                row = load(urls[name], c, s["key"], s["tmp"])
+                # Gateway CPU per request: the figure the shared machine's load disturbs least.
+                row["cpu_us_per_request"] = (_cpu_s(s["pids"][name]) - cpu0) / max(1.0, row["requests"]) * 1e6
+                rows[name].setdefault(c, []).append(row)
+            rows["direct"][c][-1]["cpu_us_per_request"] = 0.0
+    summary = {
+        f"c{c}": {
+            name: {
+                "p50_ms": round(_median(rows[name][c], "p50_ms"), 3),
+                "p99_ms": round(_median(rows[name][c], "p99_ms"), 3),
+                "rps": round(_median(rows[name][c], "rps")),
+                "cpu_us_per_request": round(_median(rows[name][c], "cpu_us_per_request"), 1) if name != "direct" else 0,
+            }
+            for name in rows
+        }
+        for c in LATENCY_CONNECTIONS
+    }
+    report = json.loads(STREAM_RESULTS.read_text()) if STREAM_RESULTS.exists() else {}
+    report["nonstream_before_after"] = {
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "runs": RUNS,
+        "seconds_per_run": DURATION_S,
+        "results": summary,
+    }
+    STREAM_RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))

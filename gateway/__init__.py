@@ -2,7 +2,10 @@
 
 Public surface: ``Gateway`` (the ASGI app) and the pure decision modules
 ``gcra``, ``breaker``, ``retry``, ``metering``, ``protocols``, ``records``,
-``lifetimes``. The Lua scripts in ``lua/`` (loaded by ``scripts``, which names
+``lifetimes``, ``sse`` (metering a stream as it passes) and ``headers``
+(``x-request-id``, ``x-ratelimit-*``). Streaming I/O: ``streaming`` (the relay),
+``upstream`` (the model connection pool), ``journal`` (streams of a dead gateway).
+The Lua scripts in ``lua/`` (loaded by ``scripts``, which names
 their reply codes) are the production limiter and meter; ``gcra`` is their
 reference, ``lua/money.lua`` their exact decimal-string money arithmetic.
 ``durability`` makes the answer wait until its usage event is durable.

@@ -20,10 +20,17 @@ lost admit reply never leaks a slot or a reservation beyond a release attempt
 (and the in-flight ttl, ``lifetimes.py``). Requests refused before the upstream
 call write no event.
 
+Streams (``stream: true``): the same admission and reservation, then ``_stream``
+relays the model's events (``streaming.py``, metered by ``sse.py``) and settles
+once when the stream ends, however it ends; the usage event is written and durable
+before ``[DONE]``. A gateway that dies mid-stream is settled for by the others
+(``journal.py``).
+
 Errors (all JSON in the protocol's own shape, see ``protocols.py``):
 400 bad body or Idempotency-Key · 401 missing/unknown/revoked key · 402 budget
-exhausted · 403 Model not allowed · 404 unknown Model/path · 409 same
-Idempotency-Key still in progress · 413 body or token count too large · 422
+exhausted (429 ``insufficient_quota`` on OpenAI paths) · 403 Model not allowed ·
+404 unknown Model/path · 409 same Idempotency-Key still in progress (or its
+request was streamed) · 413 body or token count too large · 422
 Idempotency-Key reused with another body · 429 rate limited / queue full / queue
 timeout (Retry-After) · 502 upstream failed · 503 circuit open, model not ready,
 Redis unavailable, spend being restored, usage not recorded or not durable · 504
@@ -34,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import hmac
 import logging
@@ -49,10 +58,20 @@ import orjson
 from openledger.gateway import metrics as m
 from openledger.gateway.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from openledger.gateway.durability import DurabilityBarrier, NotDurable, check_server
+from openledger.gateway.headers import ratelimit_headers
+from openledger.gateway.headers import request_id as client_request_id
 from openledger.gateway.ids import uuid7
+from openledger.gateway.journal import StreamJournal
 from openledger.gateway.lifetimes import SETTLE_ATTEMPTS, inflight_ttl_s
-from openledger.gateway.metering import RequestError, RequestShape, actual_usage, estimate, max_cost
-from openledger.gateway.protocols import Route, error_body, match_path, upstream_path
+from openledger.gateway.metering import (
+    RequestError,
+    RequestShape,
+    actual_usage,
+    estimate,
+    max_cost,
+    with_output_bound,
+)
+from openledger.gateway.protocols import Route, error_body, match_path, openai_error, upstream_path
 from openledger.gateway.records import (
     AgentConfig,
     AgentKeys,
@@ -66,6 +85,8 @@ from openledger.gateway.records import (
 from openledger.gateway.redisproto import RedisClient, RedisError, RedisUnavailable
 from openledger.gateway.retry import RetryBudget, backoff_s
 from openledger.gateway.scripts import ADMIT, IDEMPOTENCY, SETTLE, AdmitCode, IdempotencyCode, SettleCode
+from openledger.gateway.sse import SseMeter, StreamEnd, StreamUsage, error_event, request_usage_body, stream_outcome
+from openledger.gateway.streaming import ClientWatch, ModelStream, SessionStream, relay
 from openledger.gateway.upstream import UpstreamBroken, UpstreamPool, UpstreamRefused
 from openledger.settings import Settings
 from openledger.wire import ModelRoute, PoolBinding, UsageEvent, model_pool_key, model_route_key
@@ -131,6 +152,7 @@ class _Upstream:
     reached: bool  # the model saw the request (an HTTP answer, a timeout, a dropped connection)
     outcome: str  # ok | upstream_error | timeout
     upstream_s: float
+    stream: ModelStream | None = None  # an open event stream (``stream: true`` answered with SSE)
 
 
 @dataclass
@@ -172,6 +194,10 @@ class Gateway:
         # The in-flight ttl must outlive any request (so a live one is never reclaimed) but no more.
         ttl_s = inflight_ttl_s(self.timeout_s, timeout_s, wait_s)
         self.inflight_ttl_us = int(ttl_s * 1_000_000)
+        # settle.lua's marker only has to outlive the settle retries of a live request: a day of
+        # markers would fill a `noeviction` Redis (about 150 bytes per request).
+        self.settled_marker_ttl_s = math.ceil(ttl_s)
+        self.journal = StreamJournal(self.redis, self._recover, self.stream)
 
     # ------------------------------------------------------------------ ASGI
 
@@ -198,8 +224,10 @@ class Gateway:
                 connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
             )
         await check_server(self.redis, self.settings.gateway_durability)
+        self.journal.start()
 
     async def shutdown(self) -> None:
+        await self.journal.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -213,31 +241,36 @@ class Gateway:
         started = time.perf_counter()
         path: str = scope["path"]
         route = match_path(path)
+        rid = (b"x-request-id", client_request_id(_header(scope, b"x-request-id")))
         if route is None:
-            await self._small(scope, receive, send, path)
+            await self._small(scope, receive, send, path, rid)
             return
         agent_label = model_label = "-"
         upstream_s = 0.0
         status = 500
+        edge = _Edge(send, receive, rid)
         try:
             if scope["method"] != "POST":
                 raise Reject(405, "method_not_allowed", f"{path} accepts POST only")
             body = await self._read_body(receive)
-            result = await self._serve(route, scope, body)
+            result = await self._serve(route, scope, body, edge)
             agent_label, model_label = result.agent, result.model
             status, upstream_s = result.status, result.upstream_s
-            headers = [(b"content-type", result.content_type), *result.headers]
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": result.body})
+            if not edge.started:
+                headers = [(b"content-type", result.content_type), rid, *result.headers]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": result.body})
         except Reject as rej:
             status = rej.status
             agent_label = getattr(rej, "agent", agent_label)
             model_label = getattr(rej, "model", model_label)
-            await self._send_error(send, route.protocol, rej)
+            await self._send_error(send, route.protocol, rej, rid)
         except Exception:  # the one boundary where any bug becomes a 500 in the protocol's shape
             log.exception("request failed", extra={"action": "request", "path": path})
             status = 500
-            await self._send_error(send, route.protocol, Reject(500, "internal_error", "internal gateway error"))
+            if not edge.started:
+                internal = Reject(500, "internal_error", "internal gateway error")
+                await self._send_error(send, route.protocol, internal, rid)
         finally:
             elapsed = time.perf_counter() - started
             m.DURATION.observe(elapsed)
@@ -260,14 +293,18 @@ class Gateway:
             child = self._counters[key] = m.REQUESTS.labels(model, agent, str(status))
         child.inc()
 
-    async def _send_error(self, send: Send, protocol: str, rej: Reject) -> None:
+    async def _send_error(self, send: Send, protocol: str, rej: Reject, rid: tuple[bytes, bytes] | None = None) -> None:
+        status, code = rej.status, rej.code
         headers = [_JSON, *rej.headers]
+        if rid is not None:
+            headers.append(rid)
+        if protocol == "openai":
+            status, code, extra = openai_error(status, code)
+            headers.extend(extra)
         if rej.retry_after_s is not None:
             headers.append((b"retry-after", str(max(1, math.ceil(rej.retry_after_s))).encode()))
-        await send({"type": "http.response.start", "status": rej.status, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": error_body(protocol, rej.status, rej.code, rej.message, rej.param)}
-        )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": error_body(protocol, status, code, rej.message, rej.param)})
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -285,46 +322,47 @@ class Gateway:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _small(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        """Health and the OpenAI model list; everything else is 404."""
+    async def _small(self, scope: Scope, receive: Receive, send: Send, path: str, rid: tuple[bytes, bytes]) -> None:
+        """Health and the OpenAI model list and model lookup; everything else is 404."""
         if path in ("/healthz", "/readyz"):
             await send({"type": "http.response.start", "status": 200, "headers": [_JSON]})
             await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
             return
-        if path in ("/v1/models", "/openai/v1/models") and scope["method"] == "GET":
-            try:
-                agent = await self._authenticate(scope)
-                data = [
-                    {"id": name, "object": "model", "created": 0, "owned_by": agent.namespace} for name in agent.models
-                ]
-                await send({"type": "http.response.start", "status": 200, "headers": [_JSON]})
-                await send({"type": "http.response.body", "body": orjson.dumps({"object": "list", "data": data})})
-            except Reject as rej:
-                await self._send_error(send, "openai", rej)
-            return
-        protocol = "openai" if "/openai/" in path or path.startswith("/v1/c") else "v1"
-        await self._send_error(send, protocol, Reject(404, "not_found", f"no such endpoint: {path}"))
+        openai_path = path[len("/openai") :] if path.startswith("/openai/") else path
+        if openai_path.startswith("/v1/models") and scope["method"] == "GET":
+            name = openai_path[len("/v1/models/") :] if openai_path.startswith("/v1/models/") else None
+            if openai_path == "/v1/models" or (name and "/" not in name):
+                try:
+                    agent = await self._authenticate(scope)
+                    payload = _models_body(agent, name)
+                    await send({"type": "http.response.start", "status": 200, "headers": [_JSON, rid]})
+                    await send({"type": "http.response.body", "body": payload})
+                except Reject as rej:
+                    await self._send_error(send, "openai", rej, rid)
+                return
+        protocol = "openai" if "/openai/" in path or path.startswith(("/v1/c", "/v1/e")) else "v1"
+        await self._send_error(send, protocol, Reject(404, "not_found", f"no such endpoint: {path}"), rid)
 
     # ---------------------------------------------------------- the hot path
 
-    async def _serve(self, route: Route, scope: Scope, raw: bytes) -> _Result:
+    async def _serve(self, route: Route, scope: Scope, raw: bytes, edge: _Edge) -> _Result:
         agent = await self._authenticate(scope)
         client_key = _idempotency_header(scope)
         if client_key is None:
-            return await self._serve_new(route, agent, raw, None)
+            return await self._serve_new(route, agent, raw, None, edge)
         claim = _Claim(idempotency_key(agent.ref, client_key), _fingerprint(scope["path"], raw))
         request_id = uuid7()
         replay = await self._claim(agent, claim, request_id)
         if replay is not None:
             return replay
         try:
-            return await self._serve_new(route, agent, raw, claim, request_id)
+            return await self._serve_new(route, agent, raw, claim, edge, request_id)
         finally:
             if not claim.stored:  # not metered (or not worth replaying): a retry runs anew
                 await asyncio.shield(self._release_claim(claim, request_id))
 
     async def _serve_new(
-        self, route: Route, agent: AgentConfig, raw: bytes, claim: _Claim | None, request_id: str = ""
+        self, route: Route, agent: AgentConfig, raw: bytes, claim: _Claim | None, edge: _Edge, request_id: str = ""
     ) -> _Result:
         try:
             body = orjson.loads(raw)
@@ -349,18 +387,21 @@ class Gateway:
         if model_route.protocol != route.protocol:
             msg = f"model {name!r} speaks protocol {model_route.protocol!r}, not {route.protocol!r}"
             raise _tag(Reject(400, "protocol_mismatch", msg), agent, model_ref)
-        if route.protocol == "openai" and isinstance(body, dict) and body.get("stream"):
-            raise _tag(
-                Reject(400, "stream_unsupported", "stream: not supported by this gateway", param="stream"),
-                agent,
-                model_ref,
-            )
+        streamed = route.protocol == "openai" and isinstance(body, dict) and body.get("stream") is not None
+        if streamed and (route.kind == "embeddings" or not isinstance(body["stream"], bool)):
+            msg = "stream: must be true or false" if route.kind != "embeddings" else "stream: not for embeddings"
+            raise _tag(Reject(400, "invalid_request", msg, param="stream"), agent, model_ref)
+        streamed = streamed and body["stream"] is True
         try:
             shape = estimate(route.protocol, route.kind, body, self.settings.gateway_default_max_tokens)
         except RequestError as exc:
             raise _tag(
                 Reject(400, "invalid_request", str(exc), param=str(exc).split(":")[0]), agent, model_ref
             ) from None
+        if route.protocol == "openai":
+            bounded = with_output_bound(route.kind, body, self.settings.gateway_default_max_tokens)
+            if bounded is not None:
+                body, raw = bounded, orjson.dumps(bounded)
 
         breaker = self._breaker(model_ref)
         now_s = time.monotonic()
@@ -371,6 +412,11 @@ class Gateway:
         probe = breaker.state is BreakerState.HALF_OPEN
         before = breaker.state
         try:
+            if streamed:
+                raw, edge.wants_usage = request_usage_body(body)
+                return await self._admitted(
+                    route, agent, model_ref, model_route, pool, shape, raw, breaker, claim, request_id or uuid7(), edge
+                )
             return await self._admitted(
                 route, agent, model_ref, model_route, pool, shape, raw, breaker, claim, request_id or uuid7()
             )
@@ -392,7 +438,9 @@ class Gateway:
         breaker: CircuitBreaker,
         claim: _Claim | None,
         request_id: str,
+        edge: _Edge | None = None,
     ) -> _Result:
+        """Admit, call, settle, answer. ``edge``: a ``stream: true`` request (``raw`` asks for usage)."""
         started_ms = time.time_ns() // 1_000_000
         reserve = max_cost(model_route.price, shape)
         keys = AgentKeys(agent.ref)
@@ -400,15 +448,22 @@ class Gateway:
         settle: _Settle | None = None
         try:
             try:
-                remaining = await self._admit(agent, model_ref, request_id, shape, reserve)
+                remaining, admitted = await self._admit(agent, model_ref, request_id, shape, reserve)
             except Reject as refused:
                 done = not isinstance(refused, AdmissionUnknown)
                 raise
-            upstream = await self._call(route, model_ref, model_route, raw, breaker)
+            upstream = await self._call(route, model_ref, model_route, raw, breaker, edge is not None)
+            if upstream.stream is not None and edge is not None:
+                done = True  # _stream settles (or releases) whatever happens to it
+                head = _stream_headers(request_id, remaining, _limit_headers(agent, admitted))
+                call = _StreamCall(agent, model_ref, model_route, pool, shape, request_id, started_ms, edge)
+                return await self._stream(call, upstream.stream, breaker, head, claim)
             settle = self._settlement(agent, model_ref, model_route, pool, shape, request_id, started_ms, upstream)
             headers = [(b"x-openledger-event-id", request_id.encode())]
             if remaining is not None:
                 headers.append((b"x-openledger-budget-remaining", remaining.encode()))
+            if route.protocol == "openai":
+                headers.extend(_limit_headers(agent, admitted))
             if claim is not None and settle.event is not None and upstream.status < 500:
                 settle.outcome = _outcome(upstream, request_id, remaining)
             try:
@@ -437,6 +492,93 @@ class Gateway:
         return _Result(
             upstream.status, upstream.body, upstream.content_type, headers, agent.ref, model_ref, upstream.upstream_s
         )
+
+    async def _stream(
+        self,
+        call: _StreamCall,
+        stream: ModelStream,
+        breaker: CircuitBreaker,
+        headers: list[tuple[bytes, bytes]],
+        claim: _Claim | None,
+    ) -> _Result:
+        """Relay an open event stream, then settle it once however it ended (see ``streaming.py``).
+
+        On a normal end the held ``[DONE]`` (and usage chunk) is sent only after the usage
+        event is written and durable; if that fails the stream ends with an error event.
+        """
+        meter = SseMeter(call.edge.wants_usage)
+        watch = ClientWatch(call.edge.receive, stream)
+        journal = self.journal
+        end = StreamEnd.CLIENT_CLOSED  # cancelled mid-relay (a shutdown past its grace): as if the client left
+        t0 = time.perf_counter()
+        try:
+            await call.edge.start(200, headers)
+            journal.open(call.request_id, functools.partial(_journal_record, call))
+            end = await relay(stream, meter, call.edge.send, watch, journal.progress, call.request_id)
+        finally:
+            watch.stop()
+            stream.close()
+            if end in (StreamEnd.UPSTREAM_BROKEN, StreamEnd.TIMEOUT):
+                breaker.record_failure(time.monotonic())
+            self._child(m.STREAMS, end.value).inc()
+            settle = self._stream_settlement(call, meter.result(call.shape), meter.delivered, end)
+            if claim is not None:
+                settle.outcome = _stream_outcome(call.request_id)
+            failure = await asyncio.shield(self._settle_stream(call, settle, claim))
+        if end is not StreamEnd.CLIENT_CLOSED:
+            tail = failure or (b"".join(meter.held) if end is StreamEnd.COMPLETED else _broken_event(end, call))
+            await call.edge.send({"type": "http.response.body", "body": tail, "more_body": False})
+        return _Result(200, b"", b"text/event-stream", [], call.agent.ref, call.model_ref, time.perf_counter() - t0)
+
+    async def _settle_stream(self, call: _StreamCall, settle: _Settle, claim: _Claim | None) -> bytes | None:
+        """Settle a stream and wait for durability; None when done, else the error event to end the stream with."""
+        try:
+            await self._settle(call.agent, AgentKeys(call.agent.ref), settle, claim)
+        except (RedisUnavailable, RedisError):
+            # Its journal record stays: a sweep settles it (as far as its progress went) once Redis is back.
+            self.journal.abandon(call.request_id)
+            log.error("metering failed after a stream", extra={"action": "settle", "request": call.request_id})
+            return error_event("metering_unavailable", "usage not recorded yet; it will be from the stream journal")
+        self.journal.close(call.request_id)
+        try:
+            await self._durable(call.agent, call.model_ref, call.request_id)
+        except Reject as rej:
+            return error_event(rej.code, rej.message)
+        return None
+
+    def _stream_settlement(self, call: _StreamCall, usage: StreamUsage, delivered: bool, end: StreamEnd) -> _Settle:
+        """What settle.lua records for a stream (pure): what was delivered, never more than reserved.
+
+        A completed stream, or one that delivered text, is charged (``ok``); one that ended
+        early having delivered no text is charged nothing (``cancelled``, or the model's
+        failure). How it ended is kept in the event's ``extra.stream``.
+        """
+        outcome = stream_outcome(end, delivered)
+        charged = outcome == "ok"
+        tokens_in, tokens_out = (usage.input_tokens, usage.output_tokens) if charged else (0, 0)
+        event = _stream_event(call, tokens_in, tokens_out, outcome, end, usage.reported and charged)
+        delta = (tokens_in + tokens_out) - call.shape.estimated_tokens
+        return _Settle(call.request_id, event.cost, delta, event)
+
+    async def _recover(self, request_id: str, record: bytes, chunks: int, chars: int) -> None:
+        """Settle the stream of a gateway that died (``journal.py``), as delivered up to its last progress."""
+        data = orjson.loads(record)
+        template = UsageEvent.from_fields(data["event"])
+        shape = RequestShape("openai", *data["shape"])
+        tokens_in = min(shape.estimated_input_tokens, shape.max_input_tokens) if chunks else 0
+        tokens_out = min(max(chunks, math.ceil(chars / 4)), shape.max_output_tokens)
+        event = dataclasses.replace(
+            template,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost=template.price.cost(tokens_in, tokens_out) if chunks else 0,
+            outcome="ok" if chunks else "cancelled",
+            finished_at_ms=time.time_ns() // 1_000_000,
+            extra={"stream": "gateway_lost", "usage": "counted"},
+        )
+        payer = _Payer(data["agent"], data["period"], data["tpm"])
+        delta = (tokens_in + tokens_out) - shape.estimated_tokens
+        await self._settle(payer, AgentKeys(payer.ref), _Settle(request_id, event.cost, delta, event), None)
 
     def _settlement(
         self,
@@ -513,7 +655,8 @@ class Gateway:
 
     async def _claim(self, agent: AgentConfig, claim: _Claim, request_id: str) -> _Result | None:
         """Claim the key (None: run the request) or return the stored outcome of its first run."""
-        ttl_ms = str(self.inflight_ttl_us // 1000)
+        # The claim must outlive the request, queueing included, or a retry could run it twice.
+        ttl_ms = str(self.inflight_ttl_us // 1000 + agent.queue_max_wait_ms)
         try:
             reply = await self.redis.evalsha(IDEMPOTENCY, [claim.key], ["claim", claim.fingerprint, request_id, ttl_ms])
         except RedisUnavailable:
@@ -608,8 +751,9 @@ class Gateway:
 
     async def _admit(
         self, agent: AgentConfig, model_ref: str, request_id: str, shape: RequestShape, reserve: int
-    ) -> str | None:
-        """Run admit.lua until admitted (queueing if saturated); returns base units left (None: no budget).
+    ) -> tuple[str | None, list[Any]]:
+        """Run admit.lua until admitted (queueing if saturated); returns base units left (None: no budget)
+        and admit.lua's reply.
 
         Raises ``AdmissionUnknown`` when Redis failed mid-call (the caller releases), ``Reject`` otherwise.
         """
@@ -628,7 +772,7 @@ class Gateway:
                         remaining = reply[1].decode() if reply[1] else None
                         if remaining is not None:
                             self._child(m.BUDGET_REMAINING, agent.ref).set(int(remaining))
-                        return remaining
+                        return remaining, reply
                     if code is AdmitCode.QUEUED:
                         queue_entry = reply[1].decode()
                         queued_at = time.monotonic()
@@ -754,7 +898,9 @@ class Gateway:
             cached = self._periods[period] = (period_id(period, now_s), end)
         return cached[0]
 
-    async def _settle(self, agent: AgentConfig, keys: AgentKeys, settle: _Settle, claim: _Claim | None) -> None:
+    async def _settle(
+        self, agent: AgentConfig | _Payer, keys: AgentKeys, settle: _Settle, claim: _Claim | None
+    ) -> None:
         """Run settle.lua (idempotent by its marker, so a lost reply is safe to repeat)."""
         event = settle.event
         record = claim is not None and settle.outcome is not None
@@ -763,15 +909,16 @@ class Gateway:
             settle.request_id,
             str(settle.cost),
             self._period(agent.budget_period, time.time()),
-            str(self.settings.gateway_settled_marker_ttl_s),
+            str(self.settled_marker_ttl_s),
             str(settle.token_delta),
             repr(agent.tokens_per_minute / 60),
             "1" if event is not None else "0",
             str(self.settings.gateway_idempotency_window_s * 1000) if record else "",
-            str(len(outcome) // 2) if record else "0",
+            str(len(outcome) // 2 + 2) if record else "0",
         ]
-        if record:
-            args.extend(outcome)
+        if record and claim is not None:
+            # Who may store it, and for which body: a record Redis lost mid-request is written anew.
+            args.extend((*outcome, "fp", claim.fingerprint, "owner", settle.request_id))
         if event is not None:
             for k, v in event.to_entry().items():
                 args.append(k)
@@ -799,8 +946,15 @@ class Gateway:
     # --------------------------------------------------------------- upstream
 
     async def _call(
-        self, route: Route, model_ref: str, model_route: ModelRoute, raw: bytes, breaker: CircuitBreaker
+        self,
+        route: Route,
+        model_ref: str,
+        model_route: ModelRoute,
+        raw: bytes,
+        breaker: CircuitBreaker,
+        stream: bool = False,
     ) -> _Upstream:
+        """Call the model (retrying per the breaker and the retry budget); ``stream``: open its event stream."""
         assert self.session is not None, "gateway not started"
         url = model_route.url.rstrip("/") + upstream_path(route, model_ref.split("/", 1)[1])
         self.state.client_requests += 1
@@ -810,7 +964,11 @@ class Gateway:
         while True:
             self.state.upstream_attempts += 1
             t0 = time.perf_counter()
-            result = await self._attempt(url, raw, max(0.001, deadline - time.monotonic()))
+            timeout_s = max(0.001, deadline - time.monotonic())
+            if stream:
+                result = await self._attempt_stream(url, raw, timeout_s)
+            else:
+                result = await self._attempt(url, raw, timeout_s)
             result.upstream_s = time.perf_counter() - t0
             failed = not result.reached or result.outcome == "timeout" or result.status >= 500
             self._child(m.UPSTREAM_ATTEMPTS, model_ref, _attempt_result(result)).inc()
@@ -850,6 +1008,33 @@ class Gateway:
             return _Upstream(504, b"", b"application/json", True, "timeout", 0.0)
         except aiohttp.ClientError:
             return _Upstream(502, b"", b"application/json", True, "upstream_error", 0.0)
+
+    async def _attempt_stream(self, url: str, raw: bytes, timeout_s: float) -> _Upstream:
+        """Open the model's stream; an answer that is not an event stream is read whole (errors, JSON)."""
+        opened: ModelStream
+        try:
+            if url.startswith("http://"):
+                slash = url.find("/", 7)
+                base, path = (url[:slash], url[slash:]) if slash > 0 else (url, "/")
+                opened = await self.pool.open_stream(base, path, raw, timeout_s)
+            else:
+                assert self.session is not None
+                response = await self.session.post(
+                    url,
+                    data=raw,
+                    headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+                    timeout=aiohttp.ClientTimeout(total=timeout_s),
+                )
+                opened = SessionStream(response)
+        except (UpstreamRefused, aiohttp.ClientConnectorError):
+            return _Upstream(502, b"", b"application/json", False, "upstream_error", 0.0)
+        except TimeoutError:
+            return _Upstream(504, b"", b"application/json", True, "timeout", 0.0)
+        except (UpstreamBroken, aiohttp.ClientError):
+            return _Upstream(502, b"", b"application/json", True, "upstream_error", 0.0)
+        if opened.status == 200 and opened.content_type.startswith(b"text/event-stream"):
+            return _Upstream(200, b"", opened.content_type, True, "ok", 0.0, opened)
+        return await _read_whole(opened)
 
     async def _attempt_pool(self, url: str, raw: bytes, timeout_s: float) -> _Upstream:
         """Plain http:// upstreams (in-cluster InferenceService URLs): the small keep-alive pool."""
@@ -940,3 +1125,150 @@ def _json_or_none(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
+
+
+@dataclass
+class _Edge:
+    """The client's side of one request: ASGI send/receive, its x-request-id, whether a response began."""
+
+    send: Send
+    receive: Receive
+    request_id: tuple[bytes, bytes]
+    started: bool = False
+    wants_usage: bool = False  # a stream whose client asked for the usage chunk itself
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status, "headers": [*headers, self.request_id]})
+
+
+@dataclass(frozen=True)
+class _Payer:
+    """What settle.lua needs of an Agent (an ``AgentConfig``, or a journal record's copy)."""
+
+    ref: str
+    budget_period: str
+    tokens_per_minute: int
+
+
+@dataclass
+class _StreamCall:
+    agent: AgentConfig
+    model_ref: str
+    model_route: ModelRoute
+    pool: PoolBinding | None
+    shape: RequestShape
+    request_id: str
+    started_ms: int
+    edge: _Edge
+
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+def _stream_headers(
+    request_id: str, remaining: str | None, limits: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    headers = [*_SSE_HEADERS, (b"x-openledger-event-id", request_id.encode()), *limits]
+    if remaining is not None:
+        headers.append((b"x-openledger-budget-remaining", remaining.encode()))
+    return headers
+
+
+def _limit_headers(agent: AgentConfig, admitted: list[Any]) -> list[tuple[bytes, bytes]]:
+    if len(admitted) < 5:
+        return []
+    return ratelimit_headers(agent.requests_per_second, agent.burst, agent.tokens_per_minute, admitted[3], admitted[4])
+
+
+def _stream_event(
+    call: _StreamCall, tokens_in: int, tokens_out: int, outcome: str, end: StreamEnd, reported: bool
+) -> UsageEvent:
+    price = call.model_route.price
+    pool = call.pool
+    return UsageEvent(
+        event_id=call.request_id,
+        agent=call.agent.ref,
+        payer=call.agent.account,
+        model=call.model_ref,
+        owner=call.model_route.owner,
+        price=price,
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
+        cost=price.cost(tokens_in, tokens_out) if outcome == "ok" else 0,
+        outcome=outcome,
+        started_at_ms=call.started_ms,
+        finished_at_ms=time.time_ns() // 1_000_000,
+        contributors=call.model_route.contributors,
+        pool=pool.pool if pool else "",
+        fee_bps=pool.fee_bps if pool else 0,
+        extra={"stream": end.value, "usage": "reported" if reported else "counted"},
+    )
+
+
+def _journal_record(call: _StreamCall) -> bytes:
+    """What a sweeping gateway needs to settle this stream if its gateway dies (``journal.py``)."""
+    template = _stream_event(call, 0, 0, "cancelled", StreamEnd.CLIENT_CLOSED, False)
+    shape = call.shape
+    return orjson.dumps(
+        {
+            "agent": call.agent.ref,
+            "period": call.agent.budget_period,
+            "tpm": call.agent.tokens_per_minute,
+            "event": template.to_fields(),
+            "shape": [
+                shape.max_input_tokens,
+                shape.max_output_tokens,
+                shape.estimated_tokens,
+                shape.estimated_input_tokens,
+            ],
+        }
+    )
+
+
+def _stream_outcome(request_id: str) -> tuple[str | bytes, ...]:
+    """The Idempotency-Key outcome of a stream: a stream is not replayed, and not charged again."""
+    msg = f"this Idempotency-Key's request was streamed and metered as event {request_id}; a stream is not replayed"
+    body = error_body("openai", 409, "idempotency_stream_done", msg, "Idempotency-Key")
+    return ("status", "409", "ctype", b"application/json", "body", body, "event", request_id, "remaining", "")
+
+
+def _broken_event(end: StreamEnd, call: _StreamCall) -> bytes:
+    if end is StreamEnd.TIMEOUT:
+        return error_event("upstream_timeout", "the model's stream exceeded the upstream timeout", "timeout_error")
+    return error_event("upstream_error", f"model {call.model_ref.split('/')[1]!r} broke off the stream")
+
+
+async def _read_whole(stream: ModelStream) -> _Upstream:
+    """Read a non-streamed answer to the end (errors, or a model that ignored ``stream``)."""
+    chunks: list[bytes] = []
+    try:
+        while chunk := await stream.read():
+            chunks.append(chunk)
+    except TimeoutError:
+        return _Upstream(504, b"", b"application/json", True, "timeout", 0.0)
+    except UpstreamBroken:
+        return _Upstream(502, b"", b"application/json", True, "upstream_error", 0.0)
+    finally:
+        stream.close()
+    status = stream.status
+    outcome = "ok" if status < 400 else "upstream_error"
+    return _Upstream(status, b"".join(chunks), stream.content_type, True, outcome, 0.0)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def _models_body(agent: AgentConfig, name: str | None) -> bytes:
+    """``GET /v1/models`` (the Agent's models) or ``GET /v1/models/{name}``."""
+    if name is None:
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": agent.namespace} for n in agent.models]
+        return orjson.dumps({"object": "list", "data": data})
+    if name not in agent.models:
+        raise Reject(404, "model_not_found", f"The model {name!r} does not exist or you do not have access to it.",
+                     param="model")  # fmt: skip
+    return orjson.dumps({"id": name, "object": "model", "created": 0, "owned_by": agent.namespace})

@@ -70,3 +70,9 @@ BUDGET_REMAINING = Gauge(
 USAGE_EVENTS = Counter(
     "openledger_gateway_usage_events", "Usage events written to the usage stream.", ["outcome"], registry=REGISTRY
 )
+STREAMS = Counter(
+    "openledger_gateway_streams",
+    "Streamed answers by how they ended (completed, client_closed, upstream_broken, timeout).",
+    ["end"],
+    registry=REGISTRY,
+)

@@ -6,9 +6,19 @@
 | ``POST /v2/models/{name}/infer`` | Open Inference Protocol V2 | infer |
 | ``POST /v1/chat/completions`` (or ``/openai/v1/…``) | OpenAI | chat |
 | ``POST /v1/completions`` (or ``/openai/v1/…``) | OpenAI | completions |
+| ``POST /v1/embeddings`` (or ``/openai/v1/…``) | OpenAI | embeddings |
 
+Upstream, OpenAI paths get KServe's ``/openai`` prefix (``/openai/v1/embeddings``).
 Errors use each protocol's own shape: OpenAI ``{"error": {"message", "type",
 "code", "param"}}``; KServe V1 and V2 ``{"error": "<message>"}``.
+
+Quota exhaustion: OpenAI answers 429 with ``type`` and ``code``
+``insufficient_quota``, and its clients expect that: the ``openai`` Python client
+raises ``RateLimitError`` for 429 but only a bare ``APIStatusError`` for 402, and
+retries 429 unless told not to. So on OpenAI paths an exhausted budget is 429
+``insufficient_quota`` with ``x-should-retry: false`` (the client honours it and
+does not retry a request that cannot pass before the period ends); the KServe
+protocols keep 402 ``budget_exhausted``.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from dataclasses import dataclass
 
 import orjson
 
-__all__ = ["Route", "error_body", "match_path", "upstream_path"]
+__all__ = ["Route", "error_body", "match_path", "openai_error", "upstream_path"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ def match_path(path: str) -> Route | None:
         return Route("openai", "chat", None)
     if path == "/v1/completions":
         return Route("openai", "completions", None)
+    if path == "/v1/embeddings":
+        return Route("openai", "embeddings", None)
     if path.startswith("/v1/models/") and path.endswith(":predict"):
         name = path[len("/v1/models/") : -len(":predict")]
         return Route("v1", "predict", name) if name and "/" not in name else None
@@ -50,7 +62,16 @@ def upstream_path(route: Route, model: str) -> str:
         return f"/v1/models/{model}:predict"
     if route.protocol == "v2":
         return f"/v2/models/{model}/infer"
-    return "/openai/v1/chat/completions" if route.kind == "chat" else "/openai/v1/completions"
+    if route.kind == "chat":
+        return "/openai/v1/chat/completions"
+    return f"/openai/v1/{route.kind}"
+
+
+def openai_error(status: int, code: str) -> tuple[int, str, tuple[tuple[bytes, bytes], ...]]:
+    """(status, code, extra headers) of a refusal on an OpenAI path, as OpenAI itself sends it."""
+    if code == "budget_exhausted":
+        return 429, "insufficient_quota", ((b"x-should-retry", b"false"),)
+    return status, code, ()
 
 
 # OpenAI error "type" per HTTP status, as the OpenAI API and its client expect.
@@ -58,6 +79,9 @@ _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     402: "insufficient_quota",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    422: "invalid_request_error",
     403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
@@ -75,7 +99,7 @@ def error_body(protocol: str, status: int, code: str, message: str, param: str |
             {
                 "error": {
                     "message": message,
-                    "type": _OPENAI_TYPES.get(status, "api_error"),
+                    "type": code if code == "insufficient_quota" else _OPENAI_TYPES.get(status, "api_error"),
                     "code": code,
                     "param": param,
                 }

@@ -7,7 +7,9 @@ Writes issued in the same loop pass are coalesced into one ``write`` syscall.
 
 Failure model: a lost connection fails every waiting command with
 ``RedisUnavailable`` (temporary: the caller answers 503); the next command
-reconnects. Scripts are called by SHA and loaded on ``NOSCRIPT``.
+reconnects. Scripts are called by SHA and loaded on ``NOSCRIPT``. The URL means
+what it means to redis-py (``rediss://`` is TLS, ``user:password@`` an ACL user):
+``openledger.redisurl``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import collections
 import hashlib
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlparse
 
 import hiredis
+
+from openledger.redisurl import parse_redis_url
 
 __all__ = ["RedisClient", "RedisError", "RedisUnavailable", "Script"]
 
@@ -104,11 +107,11 @@ class Script:
 
 class RedisClient:
     def __init__(self, url: str, connect_timeout_s: float = 2.0, command_timeout_s: float = 5.0) -> None:
-        parsed = urlparse(url)
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or 6379
-        self.db = int((parsed.path or "/0").lstrip("/") or 0)
-        self.password = parsed.password
+        self.target = parse_redis_url(url)
+        self.host = self.target.host
+        self.port = self.target.port
+        self.db = self.target.db
+        self._tls = self.target.ssl_context()
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
         self._proto: _Protocol | None = None
@@ -131,14 +134,27 @@ class RedisClient:
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(loop), self.host, self.port), self.connect_timeout_s
+                loop.create_connection(
+                    lambda: _Protocol(loop),
+                    self.host,
+                    self.port,
+                    ssl=self._tls,
+                    server_hostname=self.host if self._tls is not None else None,
+                ),
+                self.connect_timeout_s,
             )
         except (OSError, TimeoutError) as exc:
-            raise RedisUnavailable(f"redis at {self.host}:{self.port} unreachable: {exc}") from None
-        if self.password:
-            await proto.send(_pack(("AUTH", self.password)))
-        if self.db:
-            await proto.send(_pack(("SELECT", str(self.db))))
+            raise RedisUnavailable(f"redis at {self.target.describe()} unreachable: {exc}") from None
+        try:
+            auth = self.target.auth_command()
+            if auth is not None:
+                await proto.send(_pack(auth))
+            if self.db:
+                await proto.send(_pack(("SELECT", str(self.db))))
+        except BaseException:
+            if proto.transport is not None:
+                proto.transport.close()
+            raise
         self._proto = proto
         return proto
 

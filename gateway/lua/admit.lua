@@ -11,7 +11,8 @@
 --       13 budget (base units, "" = none)  14 hard (1/0)  15 current period id
 --       16 queue max depth  17 queue entry id ("" = first attempt)  18 queue deadline µs
 -- Returns {code, a, b} (codes: AdmitCode in openledger/gateway/scripts.py):
---   1 admitted {1, budget remaining ("" none), now}
+--   1 admitted {1, budget remaining ("" none), now, request backlog µs, token backlog µs}
+--     (backlog: how far the limiter's TAT is ahead of now, "" when unlimited; for x-ratelimit-*)
 --  -1 unknown or revoked key      -2 stale config version
 --  -3 rate limited {-3, retry after µs, 1 requests | 2 tokens}
 --  -4 token cost above the token burst (can never pass)
@@ -37,7 +38,9 @@ if budget then
     if entry ~= '' then redis.call('XDEL', KEYS[8], entry) end
     return {-9}
   end
-  if spend[1] == ARGV[15] then spent = money_sum(spend[2] or '0', 'spent') end -- else a new period began
+  -- A later period of the same kind began: nothing spent in it yet. Anything else (this period,
+  -- or a record a gateway with a clock or config behind this one wrote) counts in full.
+  if not (#spend[1] == #ARGV[15] and ARGV[15] > spend[1]) then spent = money_sum(spend[2] or '0', 'spent') end
 end
 
 local now
@@ -141,4 +144,4 @@ if tat_r then redis.call('SET', KEYS[6], fmt_us(tat_r), 'PX', math.ceil((tat_r -
 if tat_t then redis.call('SET', KEYS[7], fmt_us(tat_t), 'PX', math.ceil((tat_t - now) / 1000) + 1000) end
 redis.call('ZADD', KEYS[3], fmt_us(now + tonumber(ARGV[11])), ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], reserve, '_total', money_add(reserved, reserve))
-return {1, remaining, fmt_us(now)}
+return {1, remaining, fmt_us(now), tat_r and fmt_us(tat_r - now) or '', tat_t and fmt_us(tat_t - now) or ''}

@@ -12,7 +12,7 @@
 -- ARGV: 1 request id  2 cost (base units)  3 current period id  4 marker ttl s
 --       5 token delta  6 tokens/s (0 = unlimited)  7 emit (1/0)
 --       8 idempotency ttl ms ("" = no record)  9 n = number of outcome fields
---       10 .. 9+2n outcome field, value…  then usage event field, value…
+--       10 .. 9+2n outcome field, value… (with fp and owner)  then usage event field, value…
 -- Returns {1, stream entry id ("" without an event)} when settled now
 -- (SettleCode.SETTLED), {0} when it had already been settled (ALREADY_SETTLED).
 
@@ -34,11 +34,13 @@ if cost ~= '0' then
     -- Spend unknown: never create it (the operator rebuilds it from the ledger and
     -- the stream); tell its rebuild that a settle ran meanwhile.
     redis.call('INCR', KEYS[4])
-  elseif period == ARGV[3] then
+  elseif #period == #ARGV[3] and ARGV[3] > period then
+    redis.call('HSET', KEYS[3], 'period', ARGV[3], 'spent', cost) -- a new period began
+  else
+    -- This period, or a settle from a gateway whose clock or config is behind (an older or
+    -- other-kind period): count it in the stored period; never move the record back.
     local spent = money_sum(redis.call('HGET', KEYS[3], 'spent') or '0', 'spent')
     redis.call('HSET', KEYS[3], 'spent', money_add(spent, cost))
-  else
-    redis.call('HSET', KEYS[3], 'period', ARGV[3], 'spent', cost)
   end
 end
 
@@ -60,7 +62,8 @@ if emit then
   local fields = {}
   for i = 10 + 2 * n, #ARGV do fields[#fields + 1] = ARGV[i] end
   entry_id = redis.call('XADD', KEYS[6], '*', unpack(fields))
-  if ARGV[8] ~= '' then
+  local owner = redis.call('HGET', KEYS[8], 'owner')
+  if ARGV[8] ~= '' and (not owner or owner == ARGV[1]) then -- another request's claim is not ours to fill
     local outcome = {'state', 'done'}
     for i = 10, 9 + 2 * n do outcome[#outcome + 1] = ARGV[i] end
     redis.call('HSET', KEYS[8], unpack(outcome))

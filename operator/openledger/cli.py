@@ -16,6 +16,7 @@ from openledger.settings import get_settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="openledger", prog_name="openledger", message="%(prog)s %(version)s")
 def cli() -> None:
     """OpenLedger control plane: operator, gateway, ledger and settlement."""
     settings = get_settings()
@@ -34,14 +35,14 @@ def local() -> None:
 @click.option("--dir", "base_dir", type=click.Path(path_type=Path), default=None, help="State folder (default .local).")
 def local_up(base_dir: Path | None) -> None:
     """Start the platform and the product's processes in the background."""
-    from openledger.local.platform import LocalPlatform, describe, stop_detached
+    from openledger.local.platform import LocalPlatform, describe, read_state, stop_detached
     from openledger.local.processes import ComponentError, wait_ready
     from openledger.local.product import PRODUCT_PROCESSES
     from openledger.local.toolchain import ToolchainError
 
     base = (base_dir or get_settings().local_dir).resolve()
     rows = describe(base)
-    if rows and all(alive for _, _, alive, _ in rows):
+    if rows and all(alive for _, _, alive, _ in rows) and read_state(base).get("mode", "up") == "up":
         click.echo(f"already up; `source {base / 'env'}` (make down to stop)")
         return
     stop_detached(base)
@@ -134,6 +135,13 @@ from openledger.settlement.commands import chain_group, claim_command, settler_g
 cli.add_command(chain_group)
 cli.add_command(settler_group)
 cli.add_command(claim_command)
+
+from openledger.deploy import check_group, claims_server_command, crds_apply, db_wait  # noqa: E402
+
+_crds_group.add_command(crds_apply)
+db_group.add_command(db_wait)
+cli.add_command(claims_server_command)
+cli.add_command(check_group)
 
 
 def main() -> None:

@@ -47,9 +47,9 @@ class Settings(BaseSettings):
 
     # Gateway (`openledger gateway`); it writes `usage_stream` (below).
     gateway_metrics_port: int = 9109
-    gateway_upstream_timeout_s: float = 60.0
+    gateway_upstream_timeout_s: float = 60.0  # bounds a whole streamed answer too (the in-flight ttl outlives it)
     gateway_upstream_connections: int = 256
-    gateway_default_max_tokens: int = 256
+    gateway_default_max_tokens: int = 256  # reserved for output when an OpenAI request names no max_tokens
     gateway_max_body_bytes: int = 8 * 1024 * 1024
     gateway_breaker_failures: int = 5
     gateway_breaker_cooldown_s: float = 5.0
@@ -62,7 +62,6 @@ class Settings(BaseSettings):
     # 7.2+) | wait (WAIT 1: one replica has it). Figures behind the default: README.
     gateway_durability: Literal["none", "aof", "waitaof", "wait"] = "aof"
     gateway_durability_timeout_ms: int = Field(default=1000, ge=1)
-    gateway_settled_marker_ttl_s: int = Field(default=86400, ge=60)  # settle's idempotency marker
     gateway_idempotency_window_s: int = Field(default=86400, ge=1)  # Idempotency-Key outcomes kept
     # uvicorn's graceful shutdown; None = derived from the timeouts (gateway/lifetimes.py).
     gateway_shutdown_timeout_s: float | None = None
@@ -94,6 +93,7 @@ class Settings(BaseSettings):
     ledger_claim_interval_s: float = 1.0
     ledger_max_deliveries: int = 5  # a message failing this many deliveries goes to the dead-letter stream
     ledger_metrics_port: int = 9110  # 0: no metrics server
+    ledger_health_port: int = 0  # /healthz and /readyz of the worker (0: none; the chart sets one)
     ledger_verify_interval_s: float = 300.0  # quick verify in the worker; 0 disables
     ledger_trim_interval_s: float = 10.0  # XTRIM MINID of what every consumer group acknowledged; 0 disables
     ledger_upgrade_on_start: bool = True  # the worker runs `db upgrade` before consuming

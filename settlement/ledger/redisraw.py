@@ -4,7 +4,9 @@ The worker reads tens of thousands of stream entries per second; redis-py's
 response callbacks turn every entry into dicts and strings first, which costs
 more CPU than the rest of the ingest path (see calibration.md). This client
 sends RESP and hands back hiredis' nested lists of ``bytes`` as they are.
-Every call has a timeout; error replies raise ``RedisReplyError``.
+Every call has a timeout; error replies raise ``RedisReplyError``. The URL
+means what it means to redis-py (``rediss://`` is TLS, ``user:password@`` an ACL
+user): ``openledger.redisurl``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import socket
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import hiredis
+
+from openledger.redisurl import parse_redis_url
 
 Arg = bytes | str | int
 
@@ -33,14 +36,11 @@ class RawRedis:
     """One connection. Not thread-safe: give each thread its own."""
 
     def __init__(self, url: str, timeout_s: float = 10.0) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("redis", ""):
-            raise ValueError(f"redis url: scheme {parsed.scheme!r} is not supported (use redis://)")
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or 6379
-        self.db = int(parsed.path.lstrip("/") or 0)
-        self.username = unquote(parsed.username) if parsed.username else None
-        self.password = unquote(parsed.password) if parsed.password else None
+        self.target = parse_redis_url(url)
+        self.host = self.target.host
+        self.port = self.target.port
+        self.db = self.target.db
+        self._tls = self.target.ssl_context()
         self.timeout_s = timeout_s
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader()
@@ -49,11 +49,18 @@ class RawRedis:
     def _connect(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls is not None:
+            try:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            except OSError:
+                sock.close()
+                raise
         self._sock = sock
         self._reader = hiredis.Reader()
         self.unread = 0
-        if self.password is not None:
-            self.execute(*(["AUTH", self.username, self.password] if self.username else ["AUTH", self.password]))
+        auth = self.target.auth_command()
+        if auth is not None:
+            self.execute(*auth)
         if self.db:
             self.execute("SELECT", self.db)
         return sock

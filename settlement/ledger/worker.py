@@ -61,6 +61,7 @@ import psycopg
 from openledger.settlement.ledger import metrics as m
 from openledger.settlement.ledger.db import libpq_url
 from openledger.settlement.ledger.errors import DbErrorKind, PoisonEvent, classify_sqlstate
+from openledger.settlement.ledger.health import WorkerHealth, serve_health
 from openledger.settlement.ledger.ingest import (
     PACKED_FIELD,
     BatchBuilder,
@@ -105,6 +106,9 @@ class WorkerConfig:
     # Testing only: widen a crash window (see settings.ledger_test_pause_*).
     test_pause_s: float = 0.0
     test_pause_at: str = "after_commit"
+    # /healthz and /readyz (health.py) on bind_host; 0 serves none.
+    health_port: int = 0
+    bind_host: str = "127.0.0.1"
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> WorkerConfig:
@@ -127,6 +131,8 @@ class WorkerConfig:
             trim_interval_s=s.ledger_trim_interval_s,
             test_pause_s=s.ledger_test_pause_s,
             test_pause_at=s.ledger_test_pause_at,
+            health_port=s.ledger_health_port,
+            bind_host=s.bind_host,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -255,6 +261,7 @@ class LedgerWorker:
         self._next_trim = time.monotonic() + config.trim_interval_s
         self._stop_requested = threading.Event()
         self._stop: threading.Event | None = None
+        self.health = WorkerHealth(stale_s=max(60.0, config.stop_timeout_s + config.block_ms / 1000))
 
     # ------------------------------------------------------------------ setup
 
@@ -272,6 +279,7 @@ class LedgerWorker:
         cfg = self.config
         self._stop = stop
         log.info("ledger worker starting", extra={"action": "start", "consumer": cfg.consumer, "stream": cfg.stream})
+        probes = serve_health(self.health, cfg.bind_host, cfg.health_port) if cfg.health_port else None
         self._retry(self.ensure_group, stop)
         writers = [
             threading.Thread(target=self._writer_loop, name=f"ledger-writer-{i}", daemon=True)
@@ -283,7 +291,9 @@ class LedgerWorker:
             while not stop.is_set() and self._writer_error is None:
                 try:
                     self._tick()
+                    self.health.turned(read_ok=True)
                 except (ConnectionError, OSError) as exc:
+                    self.health.turned(read_ok=False)
                     log.warning("redis unavailable; retrying", extra={"action": "redis_retry", "error": str(exc)})
                     stop.wait(0.5)
                 except RedisReplyError as exc:
@@ -303,6 +313,9 @@ class LedgerWorker:
                 writer.join(cfg.stop_timeout_s + 5)
             self.redis.close()
             self.reader.close()
+            if probes is not None:
+                probes.shutdown()
+                probes.server_close()
         if self._writer_error is not None:
             raise self._writer_error
         log.info("ledger worker stopped", extra={"action": "stop", "consumer": cfg.consumer})
@@ -386,6 +399,7 @@ class LedgerWorker:
                 self._queue.put(batch, timeout=0.5)
                 return
             except queue.Full:
+                self.health.turned(read_ok=False)  # alive, waiting on PostgreSQL: not ready
                 if not self._stopping():
                     continue
                 # Stopping while the writer is stuck (database down): give up on this batch
@@ -508,6 +522,7 @@ class LedgerWorker:
                 self._write_and_ack(batch, out)
         except BaseException as exc:
             log.exception("ledger writer failed", extra={"action": "writer_failed"})
+            self.health.failed = f"{type(exc).__name__}: {exc}"
             self._writer_error = exc
         finally:
             self._read_ack_replies(out.redis)

@@ -14,8 +14,9 @@ stand-in watch only it), its own PostgreSQL database, its own usage stream, its 
 leader-election Lease, free ports, and freshly deployed contracts (so every on-chain
 balance of the new token starts at zero).
 
-Steps asserted: Model Ready, Agent Ready, real inferences answered through the gateway
-(the official ``openai`` client and a plain HTTP POST, as curl sends it), exactly one
+Steps asserted: Model Ready, Agent Ready, real inferences answered through the gateway by the
+stand-in's real LLM (the official ``openai`` client and a plain HTTP POST, as curl sends it;
+exact answers and token counts at temperature 0), exactly one
 usage event per request, ledger verify clean, the epoch settled on chain with exactly
 one transaction, the claim pays the owner exactly the ledger's payout, a replayed claim
 pays zero.
@@ -41,6 +42,7 @@ import openai
 import psycopg
 import pytest
 import redis
+from openai.types.chat import ChatCompletionMessageParam
 from web3 import Web3
 
 from openledger.local.platform import ANVIL_DEV_KEY, LocalPlatform
@@ -63,6 +65,12 @@ PAYER = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 PER_REQUEST, PER_INPUT, PER_OUTPUT = 10**15, 10**13, 2 * 10**13
 FEE_BPS, CONTRIBUTOR_BPS, EPOCH_SECONDS = 500, 1500, 10
 EXPECTED_PROCESSES = {"operator", "serving-standin", "gateway", "ledger-worker"}
+# The walkthrough's question (README step 5) and the real model's answer at temperature 0.
+FRANCE: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+]
+PARIS = "The capital of France is Paris."
+CHAT_USAGE = (42, 7)  # (prompt, completion) tokens: the chat template's prompt, and the answer
 BALANCE_OF = Web3.keccak(text="balanceOf(address)")[:4].hex()
 ROOT_PUBLISHED = "0x" + Web3.keccak(text="RootPublished(uint256,bytes32,uint256)").hex().removeprefix("0x")
 
@@ -147,7 +155,7 @@ def token_balance(rpc_url: str, token: str, account: str) -> int:
     w3 = make_web3(rpc_url)
     data = BALANCE_OF.removeprefix("0x")
     call = {"to": Web3.to_checksum_address(token), "data": "0x" + data + account.lower()[2:].rjust(64, "0")}
-    return int(w3.eth.call(call).hex() or "0", 16)  # type: ignore[arg-type]
+    return int(w3.eth.call(call).hex() or "0", 16)
 
 
 def split(cost: int) -> tuple[int, int, int]:
@@ -198,6 +206,9 @@ def test_walkthrough_from_model_to_claimed_epoch(
         "OPENLEDGER_USAGE_STREAM": stream,
         "OPENLEDGER_USAGE_DEAD_LETTER_STREAM": f"{stream}:dead",
         "OPENLEDGER_LOCAL_DIR": str(tmp_path),  # the stand-in's model-server logs
+        # The test reads every usage event back from the stream; the worker's trim would drop the
+        # ones it has already ingested while the (real, CPU) model still answers the next request.
+        "OPENLEDGER_LEDGER_TRIM_INTERVAL_S": "0",
     }
     ns_doc = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
     out = local_platform.kubectl("apply", "-f", "-", stdin=json.dumps(ns_doc), check=False)
@@ -295,14 +306,17 @@ def test_walkthrough_from_model_to_claimed_epoch(
 
         lap("epoch start")
         # Step 5: real inferences through the gateway — the official openai client, and a plain POST (curl).
+        # The model is real (SmolLM2-135M-Instruct on llama.cpp): at temperature 0 its answers and the
+        # tokenizer's counts are exact (the prompt counted as the chat template renders it).
         client = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=30)
-        chat = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "who pays the model"}], max_tokens=12
+        chat = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=20, temperature=0)
+        assert chat.choices[0].message.content == PARIS, chat
+        completion = client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
         )
-        assert chat.choices[0].message.content, chat
-        completion = client.completions.create(model=MODEL, prompt="the ledger", max_tokens=8)
-        assert completion.choices[0].text, completion
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6})
+        assert completion.choices[0].text == " Paris.\n\nThe United States has", completion
+        assert completion.choices[0].finish_reason == "length", completion
+        body = json.dumps({"model": MODEL, "messages": FRANCE, "max_tokens": 20, "temperature": 0})
         request = urllib.request.Request(
             f"{gateway_url}/v1/chat/completions",
             data=body.encode(),
@@ -310,13 +324,14 @@ def test_walkthrough_from_model_to_claimed_epoch(
         )
         with urllib.request.urlopen(request, timeout=30) as resp:
             curl = json.loads(resp.read())
-        assert curl["choices"][0]["message"]["content"], curl
+        assert curl["choices"][0]["message"]["content"] == PARIS, curl
         assert chat.usage is not None and completion.usage is not None, (chat, completion)
         usages = [
             (chat.usage.prompt_tokens, chat.usage.completion_tokens),
             (completion.usage.prompt_tokens, completion.usage.completion_tokens),
             (int(curl["usage"]["prompt_tokens"]), int(curl["usage"]["completion_tokens"])),
         ]
+        assert usages == [CHAT_USAGE, (5, 8), CHAT_USAGE], usages
         costs = [PER_REQUEST + i * PER_INPUT + o * PER_OUTPUT for i, o in usages]
 
         # Exactly one usage event per request, with the pool's binding snapshotted in it.

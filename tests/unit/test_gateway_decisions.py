@@ -10,7 +10,14 @@ import pytest
 from openledger.gateway.durability import DurabilityBarrier, durable
 from openledger.gateway.ids import uuid7
 from openledger.gateway.lifetimes import inflight_ttl_s, shutdown_timeout_s
-from openledger.gateway.metering import RequestError, actual_usage, estimate, max_cost
+from openledger.gateway.metering import (
+    CHAT_TEMPLATE_TOKENS,
+    RequestError,
+    actual_usage,
+    estimate,
+    max_cost,
+    with_output_bound,
+)
 from openledger.gateway.protocols import Route, error_body, match_path, upstream_path
 from openledger.gateway.records import AgentConfig, AgentKeys, period_bounds_s, period_id
 from openledger.gateway.redisproto import RedisClient
@@ -42,7 +49,7 @@ def test_errors_use_each_protocols_shape() -> None:
 
 def test_openai_estimate_bounds_input_by_bytes_and_output_by_max_tokens() -> None:
     shape = estimate("openai", "chat", {"messages": [{"role": "user", "content": "héllo"}], "max_tokens": 10, "n": 2})
-    assert shape.max_input_tokens == len("héllo".encode()) + 4
+    assert shape.max_input_tokens == len("héllo".encode()) + 4 + CHAT_TEMPLATE_TOKENS
     assert shape.max_output_tokens == 20
     assert shape.estimated_tokens < shape.max_input_tokens + shape.max_output_tokens + 8
     default = estimate("openai", "completions", {"prompt": "abc"}, default_max_tokens=7)
@@ -153,3 +160,14 @@ def test_event_ids_are_time_ordered_uuid7() -> None:
 def test_graceful_shutdown_outlasts_the_upstream_timeout() -> None:
     assert graceful_shutdown_s(Settings(gateway_upstream_timeout_s=600)) > 600
     assert graceful_shutdown_s(Settings(gateway_shutdown_timeout_s=95)) == 95
+
+
+def test_a_request_without_an_output_bound_is_sent_with_the_reserved_one() -> None:
+    """The model never generates more than the reservation covers (tokens beyond it would be free)."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert with_output_bound("chat", chat, 256) == {**chat, "max_tokens": 256}
+    assert estimate("openai", "chat", chat, 256).max_output_tokens == 256
+    assert with_output_bound("completions", {"prompt": "x"}, 64) == {"prompt": "x", "max_tokens": 64}
+    assert with_output_bound("chat", {**chat, "max_tokens": 5}, 256) is None  # the client's own bound
+    assert with_output_bound("chat", {**chat, "max_completion_tokens": 5}, 256) is None
+    assert with_output_bound("embeddings", {"input": "x"}, 256) is None

@@ -62,12 +62,133 @@ app.kubernetes.io/component: operator
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# Agent credentials (created by the Agent controller); chain RPC URL and signer key (read by the RewardPool controller).
+# Secrets, only what the code does: the Agent controller watches its labelled credentials
+# Secrets (list, watch), reads, creates and repairs them (merge patch); the RewardPool
+# controller reads its chain RPC URL and signer key. No update; no delete: a revoked
+# Agent's Secret goes with its owner reference (garbage collector).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Owner references with blockOwnerDeletion on what Models and Agents own (InferenceService,
+# credentials Secret): the OwnerReferencesPermissionEnforcement admission plugin (OpenShift)
+# refuses them without update on the owner's finalizers.
+- apiGroups: ["openledger.io"]
+  resources: ["models/finalizers", "agents/finalizers"]
+  verbs: ["update"]
 # Events on the objects for every meaningful transition.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{- define "openledger.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "openledger.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "openledger.component.fullname" -}}
+{{- printf "%s-%s" (include "openledger.fullname" .ctx) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* OPENLEDGER_REDIS_URL: from the existing Secret, else the plain value. */}}
+{{- define "openledger.redisEnv" -}}
+{{- if .Values.redis.existingSecret.name -}}
+- name: OPENLEDGER_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret.name }}
+      key: {{ .Values.redis.existingSecret.key }}
+{{- else -}}
+- name: OPENLEDGER_REDIS_URL
+  value: {{ required "redis.url or redis.existingSecret.name is required" .Values.redis.url | quote }}
+{{- end }}
+{{- end }}
+
+{{/* OPENLEDGER_DATABASE_URL: only ever from the existing Secret. */}}
+{{- define "openledger.databaseEnv" -}}
+- name: OPENLEDGER_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "database.existingSecret.name is required (a Secret holding the PostgreSQL URL)" .Values.database.existingSecret.name }}
+      key: {{ .Values.database.existingSecret.key }}
+{{- end }}
+
+{{- define "openledger.hasRedisTls" -}}
+{{- if or .Values.redis.tls.caSecret.name .Values.redis.tls.clientSecret.name }}true{{ end }}
+{{- end }}
+
+{{/* Redis TLS material, mounted where the rediss:// URL's ssl_* parameters point. */}}
+{{- define "openledger.redisTlsVolume" -}}
+{{- if include "openledger.hasRedisTls" . -}}
+- name: redis-tls
+  projected:
+    sources:
+      {{- with .Values.redis.tls.caSecret.name }}
+      - secret:
+          name: {{ . }}
+          items:
+            - key: {{ $.Values.redis.tls.caSecret.key }}
+              path: ca.crt
+      {{- end }}
+      {{- with .Values.redis.tls.clientSecret.name }}
+      - secret:
+          name: {{ . }}
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "openledger.redisTlsMount" -}}
+{{- if include "openledger.hasRedisTls" . -}}
+- name: redis-tls
+  mountPath: /etc/openledger/redis-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "openledger.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "openledger.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+privileged: false
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/* Init container: wait until PostgreSQL has this version's schema (the migration hook made it). */}}
+{{- define "openledger.dbWaitInit" -}}
+- name: wait-for-schema
+  image: {{ include "openledger.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["openledger"]
+  args: ["db", "wait", "--timeout", {{ .Values.database.waitTimeoutSeconds | quote }}]
+  env:
+    {{- include "openledger.databaseEnv" . | nindent 4 }}
+    - name: OPENLEDGER_LOG_FORMAT
+      value: text
+  resources:
+    requests:
+      cpu: 10m
+      memory: 64Mi
+    limits:
+      memory: 192Mi
+  securityContext:
+    {{- include "openledger.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
 {{- end }}

@@ -9,25 +9,22 @@ part just enough for a Model to answer through the gateway:
   (``url``, ``address``, conditions ``IngressReady``/``PredictorReady``/``Ready``
   with KServe's reasons, ``modelStatus``). Deleting the InferenceService stops it.
 - ``serve_model``: one server, kserve's Python ``ModelServer`` stack (its FastAPI
-  app, V1 and V2 endpoints) with a small real model trained at start:
-  * V1/V2 (any non-LLM format): a scikit-learn logistic regression on iris;
+  app, V1 and V2 endpoints) with a real model, loaded once per process:
+  * V1/V2 (any non-LLM format): a scikit-learn logistic regression on iris, trained at start;
   * ``openai`` Models (format ``huggingface``/``vllm``, or the owning Model says
-    ``protocol: openai``): a word-bigram (Markov) text model trained at start on
-    a built-in corpus, served on KServe's OpenAI paths ``/openai/v1/completions``
-    and ``/openai/v1/chat/completions``. kserve's own OpenAI types import vLLM,
-    which is not installed, so these two routes are added to the same
-    ModelServer app by this module with OpenAI-shaped responses and ``usage``.
+    ``protocol: openai``), whatever their ``storageUri``: SmolLM2-135M-Instruct on
+    llama.cpp, on the CPU (``openledger.local.llm``). kserve's own OpenAI layer
+    imports vLLM, which is not installed, so OpenAI's routes (completions, chat,
+    streaming, embeddings) are added to the same ModelServer app by
+    ``openledger.local.openai_api``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import itertools
 import json
 import logging
-import random
 import sys
 import time
 import urllib.request
@@ -43,47 +40,6 @@ log = logging.getLogger(__name__)
 ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
 LLM_FORMATS = frozenset({"huggingface", "vllm", "llm", "openai"})
 STANDIN_LABEL = "LOCAL STAND-IN (not KServe)"
-
-CORPUS = """
-the ledger records every request the gateway serves and the model earns its share .
-a model answers questions about data and the owner of the model is paid for each answer .
-agents call models through the gateway and the gateway meters every token they use .
-the budget of an agent is spent one request at a time and the ledger never forgets a token .
-contributors of data earn a share of what the model earns and the pool settles it on chain .
-the operator watches models and agents and writes what the gateway needs into redis .
-"""
-
-
-# ------------------------------------------------------------------ the models
-
-
-class BigramModel:
-    """A word-bigram Markov chain: real (trained at start), tiny and deterministic per prompt."""
-
-    def __init__(self, corpus: str = CORPUS) -> None:
-        words = corpus.split()
-        self.table: dict[str, list[str]] = {}
-        for a, b in itertools.pairwise(words):
-            self.table.setdefault(a, []).append(b)
-        self.vocabulary = sorted(self.table)
-
-    def generate(self, prompt: str, max_tokens: int) -> tuple[str, str]:
-        """(text, finish_reason): up to ``max_tokens`` words, stopping at the end of a sentence."""
-        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
-        rng = random.Random(seed)
-        words = prompt.lower().split()
-        current = words[-1] if words and words[-1] in self.table else rng.choice(self.vocabulary)
-        out: list[str] = []
-        for _ in range(max_tokens):
-            current = rng.choice(self.table.get(current) or self.vocabulary)
-            out.append(current)
-            if current == ".":
-                return " ".join(out), "stop"
-        return " ".join(out), "length"
-
-
-def _count_tokens(text: str) -> int:
-    return len(text.split())
 
 
 def _build_kserve_model(name: str, kind: str) -> Any:
@@ -115,94 +71,32 @@ def _build_kserve_model(name: str, kind: str) -> Any:
             return {"predictions": self.classifier.predict(np.asarray(instances, dtype=float)).tolist()}
 
     class TextModel(kserve.Model):  # type: ignore[misc]
-        """The bigram model; V1 predict returns generated text too."""
+        """The LLM (``LocalLLM``, loaded once per process); V1 predict completes each instance too."""
 
         def load(self) -> bool:
-            self.bigram = BigramModel()
+            from openledger.local.llm import LocalLLM
+
+            self.llm = LocalLLM()
+            log.info("LLM loaded", extra={"action": "load", "model": str(self.llm.path), "seconds": self.llm.load_s})
             self.ready = True
             return True
 
         async def predict(self, payload: Any, headers: Any = None, response_headers: Any = None) -> Any:
+            from openledger.local.llm import Piece, Sampling
+
             if isinstance(payload, bytes | str):
                 payload = json.loads(payload)
             instances = payload.get("instances", []) if isinstance(payload, dict) else []
-            return {"predictions": [self.bigram.generate(str(p), 16)[0] for p in instances]}
+            greedy = Sampling(16, 0.0, 1.0, (), 0, 0.0, 0.0)
+            out = []
+            for instance in instances:
+                events = self.llm.generate(self.llm.text_prompt(str(instance)), greedy)
+                out.append("".join([e.text async for e in events if isinstance(e, Piece)]))
+            return {"predictions": out}
 
     model = TextModel(name) if kind == "openai" else IrisModel(name)
     model.load()
     return model
-
-
-def _add_openai_routes(app: Any, model: Any) -> None:
-    """``/openai/v1/completions`` and ``/openai/v1/chat/completions`` on the ModelServer app."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse
-
-    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
-        body = {"error": {"message": message, "type": "invalid_request_error", "code": None, "param": param}}
-        return JSONResponse(body, status_code=status)
-
-    def answer(body: dict[str, Any], prompt: str) -> tuple[str, str, int]:
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 16
-        text, finish = model.bigram.generate(prompt, int(max_tokens))
-        return text, finish, _count_tokens(text)
-
-    async def completions(request: Request) -> JSONResponse:
-        body = await request.json()
-        if body.get("model") != model.name:
-            return error(404, f"model {body.get('model')!r} not found", "model")
-        prompt = body.get("prompt")
-        prompt_text = " ".join(prompt) if isinstance(prompt, list) else str(prompt or "")
-        text, finish, used = answer(body, prompt_text)
-        return JSONResponse(
-            {
-                "id": "cmpl-" + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:24],
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": model.name,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                "usage": {
-                    "prompt_tokens": _count_tokens(prompt_text),
-                    "completion_tokens": used,
-                    "total_tokens": _count_tokens(prompt_text) + used,
-                },
-            }
-        )
-
-    async def chat(request: Request) -> JSONResponse:
-        body = await request.json()
-        if body.get("model") != model.name:
-            return error(404, f"model {body.get('model')!r} not found", "model")
-        messages = body.get("messages") or []
-        prompt_text = " ".join(str(m.get("content") or "") for m in messages if isinstance(m, dict))
-        text, finish, used = answer(body, prompt_text)
-        return JSONResponse(
-            {
-                "id": "chatcmpl-" + hashlib.sha256(f"{time.time_ns()}".encode()).hexdigest()[:24],
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": _count_tokens(prompt_text),
-                    "completion_tokens": used,
-                    "total_tokens": _count_tokens(prompt_text) + used,
-                },
-            }
-        )
-
-    # This module uses postponed annotations; FastAPI needs the real class to inject the request.
-    completions.__annotations__["request"] = Request
-    chat.__annotations__["request"] = Request
-    app.add_api_route("/openai/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/openai/v1/chat/completions", chat, methods=["POST"])
 
 
 def serve_model(name: str, kind: str, port: int, host: str = "127.0.0.1") -> None:
@@ -215,7 +109,9 @@ def serve_model(name: str, kind: str, port: int, host: str = "127.0.0.1") -> Non
 
     model = _build_kserve_model(name, kind)
     if kind == "openai":
-        _add_openai_routes(app, model)
+        from openledger.local.openai_api import add_openai_routes
+
+        add_openai_routes(app, name, model.llm)
     server = ModelServer(http_port=port, enable_grpc=False, workers=1)
     server.register_model(model)
     # ModelServer.start() binds 0.0.0.0; the local platform stays on loopback, so
@@ -442,5 +338,5 @@ def standin_run() -> None:
 @click.option("--port", type=int, required=True)
 @click.option("--host", default="127.0.0.1")
 def standin_serve(name: str, kind: str, port: int, host: str) -> None:
-    """Serve one model (iris classifier, or the bigram text model for openai)."""
+    """Serve one model (iris classifier, or the LLM for openai)."""
     serve_model(name, kind, port, host)

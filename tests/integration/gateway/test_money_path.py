@@ -20,7 +20,7 @@ import openai
 import pytest
 import redis
 
-from openledger.gateway.records import AgentKeys, apikey_key, hash_api_key, period_id, settled_key
+from openledger.gateway.records import AgentKeys, apikey_key, hash_api_key, idempotency_key, period_id, settled_key
 from openledger.gateway.scripts import SETTLE, SettleCode
 from openledger.wire import Price
 from tests.integration.gateway.conftest import (
@@ -307,3 +307,89 @@ def test_openai_client_retry_with_its_idempotency_key_gets_the_stored_answer(
         client.chat.completions.create(model="llm", messages=messages, max_tokens=9, extra_headers=idem)
     assert reused.value.code == "idempotency_key_reused" and reused.value.param == "Idempotency-Key"
     assert len(usage_events(rds, shared_gateway.stream, f"{namespace}/agent")) == 1
+
+
+def _settle_script(rds: redis.Redis, keys: AgentKeys, stream: str, request_id: str, record: str | None = None) -> Any:
+    skeys = [keys.inflight, keys.reserved, keys.spend, keys.spend_gen, keys.rate_tokens, stream,
+             settled_key(request_id), record or settled_key(request_id)]  # fmt: skip
+    return skeys, rds.register_script(SETTLE.source)
+
+
+@pytest.mark.parametrize(
+    ("stored", "settled_with", "period_after", "spent_after"),
+    [
+        ("2026120210", "2026120209", "2026120210", "907"),  # a gateway whose clock is behind: counted, kept
+        ("2026120210", "20261202", "2026120210", "907"),  # a stale Day config after a Day -> Hour edit
+        ("2026120210", "2026120211", "2026120211", "7"),  # the next hour began: a new period
+    ],
+)
+def test_a_settle_never_moves_the_spend_record_back(
+    rds: redis.Redis, namespace: str, stored: str, settled_with: str, period_after: str, spent_after: str
+) -> None:
+    """An older or other-kind period id (clock skew between replicas, a config edit in flight)
+    must not reset a period's spend: that would hand a Hard budget out again."""
+    keys = AgentKeys(f"{namespace}/agent")
+    stream = f"openledger:usage:test:{secrets.token_hex(4)}"
+    request_id = f"req-{secrets.token_hex(4)}"
+    rds.hset(keys.spend, mapping={"period": stored, "spent": "900"})
+    skeys, settle = _settle_script(rds, keys, stream, request_id)
+    settle(keys=skeys, args=[request_id, "7", settled_with, "60", "0", "0", "1", "", "0", "id", request_id])
+    assert rds.hmget(keys.spend, "period", "spent") == [period_after.encode(), spent_after.encode()]
+
+
+def test_a_hard_budget_spent_under_a_later_period_id_is_not_handed_out_again(
+    shared_gateway: GatewayProcess, rds: redis.Redis, namespace: str, slow: SlowUpstream
+) -> None:
+    """A record written under a period id ahead of this gateway's (another replica's clock) counts."""
+    ref = f"{namespace}/agent"
+    key = _setup(rds, namespace, slow, Price(per_request=10**18), budget="1")
+    ahead = str(int(period_id("Day", time.time())) + 1)
+    rds.hset(AgentKeys(ref).spend, mapping={"period": ahead, "spent": str(10**18)})
+    assert _predict(shared_gateway, key)[0] == 402
+
+
+def test_the_settled_marker_lives_minutes_not_a_day(
+    shared_gateway: GatewayProcess, rds: redis.Redis, namespace: str, slow: SlowUpstream
+) -> None:
+    """One marker per request (about 150 bytes) kept for a day would fill a `noeviction` Redis."""
+    key = _setup(rds, namespace, slow, Price(per_request=10**15))
+    status, headers, _ = _predict(shared_gateway, key)
+    ttl = rds.ttl(settled_key(headers["x-openledger-event-id"]))
+    assert status == 200 and 60 <= ttl <= 600, ttl
+
+
+def test_a_settle_does_not_fill_an_idempotency_record_another_request_holds(rds: redis.Redis, namespace: str) -> None:
+    """A first run whose claim expired (a long queue) and a retry that claimed the key anew: the
+    late first settle is metered but must not overwrite the retry's record."""
+    keys = AgentKeys(f"{namespace}/agent")
+    stream = f"openledger:usage:test:{secrets.token_hex(4)}"
+    record = idempotency_key(f"{namespace}/agent", secrets.token_hex(4))
+    rds.hset(record, mapping={"state": "running", "fp": "f", "owner": "req-retry"})
+    late = f"req-{secrets.token_hex(4)}"
+    skeys, settle = _settle_script(rds, keys, stream, late, record)
+    outcome = ["status", "200", "ctype", "application/json", "body", "{}", "event", late, "remaining", "",
+               "fp", "f", "owner", late]  # fmt: skip
+    settle(keys=skeys, args=[late, "0", "20261202", "60", "0", "0", "1", "60000", str(len(outcome) // 2), *outcome,
+                             "id", late])  # fmt: skip
+    assert rds.xlen(stream) == 1  # metered
+    assert rds.hgetall(record) == {b"state": b"running", b"fp": b"f", b"owner": b"req-retry"}
+
+
+def test_an_idempotency_record_lost_mid_request_is_written_with_its_fingerprint(
+    shared_gateway: GatewayProcess, rds: redis.Redis, namespace: str, slow: SlowUpstream
+) -> None:
+    """Redis lost the claim while the request ran: the outcome is stored with the body's
+    fingerprint, so the client's retry gets the stored answer (not 422, not a second charge)."""
+    ref = f"{namespace}/agent"
+    key = _setup(rds, namespace, slow, Price(per_request=10**15))
+    slow.delay_s = 1.0
+    idem = f"lost-{secrets.token_hex(4)}"
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_idem, shared_gateway, key, idem)
+        wait_for(lambda: _in_flight(rds, ref) == 1, 10, "request admitted")
+        assert rds.delete(idempotency_key(ref, idem)) == 1
+        first = answer.result(20)
+    slow.delay_s = 0
+    again = _idem(shared_gateway, key, idem)
+    assert first[0] == 200 and again[0] == 200 and again[1]["idempotent-replayed"] == "true", again
+    assert len(usage_events(rds, shared_gateway.stream, ref)) == 1
