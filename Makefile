@@ -9,7 +9,7 @@ VENV ?= $(CACHE)/venv-$(DEPS_KEY)
 PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: up image down status test unit lint bench soak crds system-deps venv install clean
+.PHONY: up cluster image down status test unit lint bench soak crds system-deps venv install clean
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -34,6 +34,11 @@ install: system-deps venv
 
 up: install
 	@$(PY) -m openledger.cli local up
+
+# make up plus a real node (containerd, kubelet, kube-proxy, CoreDNS) and the product installed by Helm; as root.
+cluster: install
+	@$(PY) -m openledger.local.toolchain >/dev/null
+	@$(PY) -m openledger.cli local cluster
 
 # The product image (Containerfile) from Debian-made bases with buildah, as an OCI archive for
 # containerd; cached in $(CACHE)/images by the hash of its inputs. Prints IMAGE_* lines.

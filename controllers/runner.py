@@ -309,6 +309,9 @@ async def operate(namespaces: list[str] | None = None, settings: Settings | None
             stop_flag=kopf_stop,
             ready_flag=kopf_ready,
             memo=memo,
+            # Our own identity: Kopf's default asks getpass.getuser(), which fails for a UID
+            # without a passwd entry (the image runs as 65532).
+            identity=me,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str, not exported
         )
         watcher.cancel()
         marker.cancel()

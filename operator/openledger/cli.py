@@ -79,6 +79,21 @@ def local_up(base_dir: Path | None) -> None:
     click.echo(f"source {base / 'env'} to use it; `make down` stops everything")
 
 
+@local.command("cluster")
+@click.option("--dir", "base_dir", type=click.Path(path_type=Path), default=None, help="State folder (default .local).")
+@click.option("--no-product", is_flag=True, help="Only the platform and the node; no `helm install` of the product.")
+def local_cluster(base_dir: Path | None, no_product: bool) -> None:
+    """`local up`'s platform plus a real node, with the product installed by Helm (as root)."""
+    from openledger.local.cluster import ClusterError, up
+
+    base = (base_dir or get_settings().local_dir).resolve()
+    try:
+        report = up(base, product=not no_product)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(report)
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as response:
         return bool(response.status == 200)

@@ -8,6 +8,13 @@ real request, never by a sleep.
 
 Start order: etcd → kube-apiserver → CRDs is one chain; PostgreSQL, Redis and
 anvil start beside it, in parallel threads.
+
+Two modes of the one platform: ``make up`` (above; the product runs as host
+processes) and ``make cluster`` (``cluster=True``): the same components, plus a
+real node (:mod:`openledger.local.node`). In cluster mode the API server,
+PostgreSQL, Redis and anvil also listen on the node bridge's host address, so
+pods reach them, and the API server runs the admission plugins and the Node
+authorizer a real cluster has.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openledger.local import toolchain
+from openledger.local import node, toolchain
 from openledger.local.processes import (
     ComponentError,
     ManagedProcess,
@@ -118,9 +125,11 @@ class LocalPlatform:
         detached: bool,
         components: Iterable[str] = COMPONENTS,
         durable: bool = True,
+        cluster: bool = False,
     ) -> None:
         self.base_dir = base_dir.resolve()
         self.detached = detached
+        self.cluster = cluster
         self.components = [c for c in COMPONENTS if c in set(components)]
         if "kube-apiserver" in self.components and "etcd" not in self.components:
             self.components.insert(0, "etcd")
@@ -135,6 +144,9 @@ class LocalPlatform:
     def start(self) -> Endpoints:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.base_dir.chmod(0o755)
+        if self.cluster:
+            node.require_root()
+            node.prepare_network(self.base_dir)
         chains: list[Callable[[], None]] = []
         if "etcd" in self.components:
             chains.append(self._start_kubernetes_chain)
@@ -145,6 +157,8 @@ class LocalPlatform:
             with ThreadPoolExecutor(max_workers=len(chains) or 1) as pool:
                 for future in [pool.submit(chain) for chain in chains]:
                     future.result()
+            if self.cluster:
+                self._start_node()
         except BaseException:
             self.stop()
             raise
@@ -152,6 +166,10 @@ class LocalPlatform:
         return self.endpoints
 
     def stop(self) -> None:
+        if self.cluster:
+            stopped = node.teardown(self.base_dir, self.pids())
+            for name in stopped:
+                self.processes.pop(name, None)
         for name in reversed(list(self.processes)):
             self.stop_component(name)
 
@@ -185,6 +203,7 @@ class LocalPlatform:
             },
             "env": self.endpoints.as_env(),
             "ports": self.ports,
+            "mode": "cluster" if self.cluster else "up",
         }
         self.state_path.write_text(json.dumps(state, indent=2))
         lines = [f"export {k}={_shell_quote(v)}" for k, v in self.endpoints.as_env().items()]
@@ -252,26 +271,37 @@ class LocalPlatform:
         conf.mkdir(parents=True, exist_ok=True)
         token = self._admin_token(conf)
         self._service_account_keys(conf)
+        host = node.HOST_IP if self.cluster else "127.0.0.1"
         argv = [
             str(apiserver),
             f"--etcd-servers={self.endpoints.etcd_url}",
             f"--cert-dir={conf / 'certs'}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={host}",
+            f"--advertise-address={host}",
             f"--secure-port={port}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--allow-privileged=true",
-            "--authorization-mode=RBAC",
             f"--token-auth-file={conf / 'tokens.csv'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={conf / 'sa.pub'}",
             f"--service-account-signing-key-file={conf / 'sa.key'}",
-            # No controller-manager runs locally, so nothing would mint SA tokens.
-            "--disable-admission-plugins=ServiceAccount",
             "--v=0",
         ]
+        if self.cluster:
+            self._component_tokens(conf)
+            # OwnerReferencesPermissionEnforcement: blockOwnerDeletion needs `update` on the owner's
+            # finalizers, as on OpenShift, so the chart's RBAC is checked for it.
+            argv += [
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
+                # logs/exec/port-forward: the node's name resolves nowhere, its address does.
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
+        else:
+            # No controller-manager runs in this mode, so nothing would mint SA tokens.
+            argv += ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
         process = self.spawn("kube-apiserver", argv)
-        url = f"https://127.0.0.1:{port}"
+        url = f"https://{host}:{port}"
         headers = {"Authorization": f"Bearer {token}"}
         wait_ready(process, lambda: _http_get(url + "/readyz", headers) == "ok", 120)
         self.endpoints.kube_url = url
@@ -286,6 +316,36 @@ class LocalPlatform:
         tokens.write_text(f'{token},openledger-admin,openledger-admin,"system:masters"\n')
         tokens.chmod(0o600)
         return token
+
+    def _component_tokens(self, conf: Path) -> dict[str, str]:
+        """A token per node component in ``tokens.csv`` (added once, kept across restarts)."""
+        tokens = conf / "tokens.csv"
+        lines = tokens.read_text().splitlines()
+        known = {line.split(",")[1]: line.split(",")[0] for line in lines if line.count(",") >= 2}
+        result = {}
+        for component, (user, group) in node.COMPONENT_USERS.items():
+            if user not in known:
+                known[user] = secrets.token_hex(24)
+                groups = f',"{group}"' if group else ""
+                lines.append(f"{known[user]},{user},{user}{groups}")
+            result[component] = known[user]
+        tokens.write_text("\n".join(lines) + "\n")
+        return result
+
+    def _start_node(self) -> None:
+        conf = self.base_dir / "kube"
+        config = node.NodeConfig(
+            base_dir=self.base_dir,
+            api_url=self.endpoints.kube_url,
+            tokens=self._component_tokens(conf),
+            sa_key=conf / "sa.key",
+            root_ca=conf / "certs" / "apiserver.crt",
+        )
+        node.start_node(config, self.spawn, self.port)
+        self.write_state()
+        node.refresh_apiserver_endpoints(self.kubectl, node.HOST_IP, self.ports["kube-apiserver"])
+        node.wait_node_ready(self.kubectl, 180)
+        node.install_dns(self.base_dir, self.kubectl)
 
     def _service_account_keys(self, conf: Path) -> None:
         key, pub = conf / "sa.key", conf / "sa.pub"
@@ -386,8 +446,10 @@ class LocalPlatform:
             )
             if init.returncode != 0:
                 raise ComponentError(f"initdb failed:\n{init.stderr[-2000:]}")
+        if self.cluster:
+            _pg_allow(data / "pg_hba.conf", node.POD_SUBNET)
         settings = {
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": f"127.0.0.1,{node.HOST_IP}" if self.cluster else "127.0.0.1",
             "unix_socket_directories": str(sockets),
             "max_connections": "200",
             "shared_buffers": "256MB",
@@ -422,7 +484,11 @@ class LocalPlatform:
             "--port",
             str(port),
             "--bind",
-            "127.0.0.1",
+            f"127.0.0.1 {node.HOST_IP}" if self.cluster else "127.0.0.1",
+            # Pods connect from the node's bridge, which protected mode would refuse (no password here);
+            # the bridge is private to this machine (nothing is forwarded in or out of it).
+            "--protected-mode",
+            "no" if self.cluster else "yes",
             # The usage stream is the only record of served usage until the ledger ingests it:
             # every write is on disk before Redis replies (gateway_durability "aof"), and a full
             # Redis refuses writes rather than evicting budgets, reservations or the stream.
@@ -449,11 +515,23 @@ class LocalPlatform:
     def _start_anvil(self) -> None:
         binary = toolchain.anvil_binary()
         port = self.port("anvil")
-        argv = [str(binary), "--host", "127.0.0.1", "--port", str(port), "--chain-id", str(ANVIL_CHAIN_ID), "--silent"]
+        hosts = ["127.0.0.1", node.HOST_IP] if self.cluster else ["127.0.0.1"]
+        argv = [
+            str(binary),
+            "--host",
+            ",".join(hosts),
+            "--port",
+            str(port),
+            "--chain-id",
+            str(ANVIL_CHAIN_ID),
+            "--silent",
+        ]
         process = self.spawn("anvil", argv)
         url = f"http://127.0.0.1:{port}"
         wait_ready(process, lambda: eth_rpc(url, "eth_chainId") == hex(ANVIL_CHAIN_ID), 30)
-        self.endpoints.eth_rpc_url = url
+        # The chain URL goes into RewardPool Secrets that the settler reads in a pod: in cluster mode
+        # it is the bridge's host address, which the host and the pods both reach.
+        self.endpoints.eth_rpc_url = f"http://{node.HOST_IP}:{port}" if self.cluster else url
 
 
 # ----------------------------------------------------------------- helpers
@@ -482,6 +560,14 @@ def _postgres_user() -> str | None:
     except KeyError as exc:
         raise ComponentError("running as root needs a `postgres` user: apt-get install postgresql") from exc
     return "postgres"
+
+
+def _pg_allow(hba: Path, subnet: str) -> None:
+    """Let pods on the node's subnet in (trust, like loopback: the platform is private to this machine)."""
+    line = f"host all all {subnet} trust"
+    text = hba.read_text()
+    if line not in text:
+        hba.write_text(text.rstrip("\n") + "\n" + line + "\n")
 
 
 def _pg_ready(url: str) -> bool:
@@ -524,6 +610,9 @@ def stop_detached(base_dir: Path) -> list[str]:
     state = read_state(base_dir)
     processes: dict[str, dict[str, object]] = state.get("processes", {})  # type: ignore[assignment]
     stopped = []
+    if state.get("mode") == "cluster" or node.node_dir(base_dir).exists():
+        pids = {name: int(info["pid"]) for name, info in processes.items()}  # type: ignore[call-overload]
+        stopped += node.teardown(base_dir, pids)
     # Product processes first (they were recorded last), then the platform.
     for name, info in reversed(list(processes.items())):
         pid = int(info["pid"])  # type: ignore[call-overload]

@@ -30,6 +30,11 @@ HELM_VERSION = "v3.22.0"
 ANVIL_NPM_VERSION = "1.7.1"
 SOLC_NPM_VERSION = "0.8.37"
 OPENZEPPELIN_NPM_VERSION = "5.7.0"
+COREDNS_VERSION = "v1.14.7"
+# A kubelet of the API server's version: it still runs on cgroup v1 with
+# ``failCgroupV1: false`` and falls back to its own cgroupDriver when
+# containerd 1.6 (Debian 12) does not answer the CRI RuntimeConfig call.
+KUBERNETES_NODE_COMMANDS = ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy")
 
 
 class ToolchainError(RuntimeError):
@@ -103,6 +108,15 @@ def _kubernetes_module_gomod(workdir: Path) -> str:
 
 def _build_kubernetes(dest: Path) -> None:
     """kube-apiserver and kubectl from k8s.io/kubernetes through a throwaway module."""
+    _build_kubernetes_commands(dest, ["kube-apiserver", "kubectl"])
+
+
+def _build_kubernetes_node(dest: Path) -> None:
+    """The node and control-loop binaries of ``make cluster``, from the same module and version."""
+    _build_kubernetes_commands(dest, list(KUBERNETES_NODE_COMMANDS))
+
+
+def _build_kubernetes_commands(dest: Path, commands: list[str]) -> None:
     _require("go", "install Go 1.26 or newer")
     minor = "v0." + KUBERNETES_VERSION.split(".", 1)[1]
     with tempfile.TemporaryDirectory(prefix="ol-kube-") as tmp:
@@ -114,11 +128,8 @@ def _build_kubernetes(dest: Path) -> None:
         gomod += "\n".join(staging_replaces(upstream, minor)) + "\n"
         gomod += godebug_line(upstream) + "\n"
         (work / "go.mod").write_text(gomod)
-        (work / "tools.go").write_text(
-            "//go:build tools\npackage tools\n\nimport (\n"
-            '\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n'
-            '\t_ "k8s.io/kubernetes/cmd/kubectl"\n)\n'
-        )
+        imports = "".join(f'\t_ "k8s.io/kubernetes/cmd/{cmd}"\n' for cmd in commands)
+        (work / "tools.go").write_text(f"//go:build tools\npackage tools\n\nimport (\n{imports})\n")
         _progress("resolving Kubernetes modules (first run only)")
         _run(["go", "mod", "tidy"], cwd=work, env=_go_env())
         major, minor_n = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
@@ -133,7 +144,7 @@ def _build_kubernetes(dest: Path) -> None:
                 "-s -w",
             ]
         )
-        for cmd in ("kube-apiserver", "kubectl"):
+        for cmd in commands:
             _progress(f"building {cmd} {KUBERNETES_VERSION} (first run only, several minutes)")
             _run(
                 [
@@ -200,6 +211,51 @@ def kubernetes_binaries() -> tuple[Path, Path]:
     return dest / "kube-apiserver", dest / "kubectl"
 
 
+def kubernetes_node_binaries() -> dict[str, Path]:
+    """kubelet, kube-controller-manager, kube-scheduler and kube-proxy, by name."""
+    dest = _cached("kubernetes-node", KUBERNETES_VERSION, list(KUBERNETES_NODE_COMMANDS), _build_kubernetes_node)
+    return {cmd: dest / cmd for cmd in KUBERNETES_NODE_COMMANDS}
+
+
+# The plugins the cluster's Corefile uses; the rest (cloud DNS back ends…) stay out of the build.
+COREDNS_PLUGINS = (
+    "errors",
+    "health",
+    "ready",
+    "kubernetes",
+    "forward",
+    "cache",
+    "loop",
+    "reload",
+    "loadbalance",
+    "log",
+)
+
+
+def _build_coredns(dest: Path) -> None:
+    _require("go", "install Go 1.26 or newer")
+    with tempfile.TemporaryDirectory(prefix="ol-coredns-") as tmp:
+        work = Path(tmp)
+        _run(["go", "mod", "init", "openledger.local/corednsbuild"], cwd=work, env=_go_env())
+        imports = "".join(f'\t_ "github.com/coredns/coredns/plugin/{name}"\n' for name in COREDNS_PLUGINS)
+        (work / "main.go").write_text(
+            'package main\n\nimport (\n\t"github.com/coredns/coredns/coremain"\n'
+            '\t_ "github.com/coredns/coredns/core/dnsserver"\n'
+            f"{imports})\n\nfunc main() {{ coremain.Run() }}\n"
+        )
+        _progress(f"building coredns {COREDNS_VERSION} (first run only)")
+        _run(["go", "get", f"github.com/coredns/coredns@{COREDNS_VERSION}"], cwd=work, env=_go_env())
+        _run(["go", "mod", "tidy"], cwd=work, env=_go_env())
+        _run(
+            ["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(dest / "coredns"), "."], cwd=work, env=_go_env()
+        )
+
+
+def coredns_binary() -> Path:
+    """CoreDNS with only the plugins the cluster's Corefile names."""
+    return _cached("coredns", COREDNS_VERSION, ["coredns"], _build_coredns) / "coredns"
+
+
 def helm_binary() -> Path:
     dest = _cached(
         "helm",
@@ -264,6 +320,10 @@ def main() -> None:
     tools = all_tools()
     for field, path in tools.__dict__.items():
         print(f"{field}={path}")
+    # make cluster and tests/integration/cluster: the node's binaries, built before any test times out on them.
+    for name, path in kubernetes_node_binaries().items():
+        print(f"{name.replace('-', '_')}={path}")
+    print(f"coredns={coredns_binary()}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,15 @@ def test_values_schema_rejects_typos_and_bad_values() -> None:
     render("gateway.replicas=2")
 
 
+@pytest.mark.parametrize("url", ["redis://:pw@redis:6379/0", "rediss://openledger:pw@redis:6380/0"])
+def test_a_redis_password_is_refused_in_plain_values(url: str) -> None:
+    """It would be rendered into every Deployment and the release: it belongs in redis.existingSecret."""
+    result = helm("template", "ol", str(CHART), f"--kube-version={KUBE_VERSION}", "--set", f"redis.url={url}",
+                  check=False)  # fmt: skip
+    assert result.returncode != 0 and "redis" in result.stderr and "url" in result.stderr, result.stderr
+    render("redis.url=rediss://openledger@redis:6380/0")  # a user without a password is fine
+
+
 @pytest.mark.parametrize(
     "sets",
     [
@@ -66,7 +75,7 @@ def test_values_schema_rejects_typos_and_bad_values() -> None:
             "metrics.serviceMonitor.enabled=true",
             "gateway.serviceMonitor.enabled=true",
             "ledgerWorker.serviceMonitor.enabled=true",
-            "redis.url=rediss://openledger:pw@redis:6380/0?ssl_ca_certs=/etc/openledger/redis-tls/ca.crt",
+            "redis.url=rediss://openledger@redis:6380/0?ssl_ca_certs=/etc/openledger/redis-tls/ca.crt",
             "redis.tls.caSecret.name=redis-ca",
             "redis.tls.clientSecret.name=redis-client",
             "gateway.autoscaling.enabled=false",
@@ -470,3 +479,23 @@ def test_the_operator_knows_the_gateway_timeouts_its_revocations_depend_on() -> 
     env = {e["name"]: e.get("value") for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["OPENLEDGER_GATEWAY_UPSTREAM_TIMEOUT_S"] == "300"
     assert {"OPENLEDGER_GATEWAY_REDIS_TIMEOUT_S", "OPENLEDGER_GATEWAY_DURABILITY_TIMEOUT_MS"} <= set(env)
+
+
+def test_no_pod_gets_service_links_that_would_collide_with_settings() -> None:
+    """A Service named <release>-gateway makes Kubernetes inject OPENLEDGER_GATEWAY_PORT=tcp://…,
+    which the settings then refuse: every pod of the chart turns service links off."""
+    checks = helm("template", "ol", str(CHART), f"--kube-version={KUBE_VERSION}", "--show-only",
+                  "templates/tests/checks.yaml").stdout  # fmt: skip
+    specs = _pod_specs(objects(render()) + objects(checks))
+    assert len(specs) >= 6, list(specs)
+    for name, spec in specs.items():
+        assert spec.get("enableServiceLinks") is False, name
+
+
+def test_large_numbers_render_as_integers() -> None:
+    """8388608 must not become 8.388608e+06 (the settings would refuse it)."""
+    gateway = next(
+        d for d in objects(render()) if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("gateway")
+    )
+    env = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["OPENLEDGER_GATEWAY_MAX_BODY_BYTES"] == "8388608"

@@ -1,0 +1,30 @@
+"""A real node for these tests: the platform in cluster mode, in a throwaway folder.
+
+It is started once for the package and torn down at the end; the last test of
+``test_node.py`` checks that the teardown leaves nothing on the machine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from openledger.local.cluster import apply_platform_services
+from openledger.local.platform import LocalPlatform
+
+
+@pytest.fixture(scope="package")
+def cluster() -> Iterator[LocalPlatform]:
+    base = Path(tempfile.mkdtemp(prefix="openledger-cluster-"))
+    platform = LocalPlatform(base, detached=False, durable=False, cluster=True)
+    platform.start()
+    apply_platform_services(platform)
+    try:
+        yield platform
+    finally:
+        platform.stop()
+        shutil.rmtree(base, ignore_errors=True)
