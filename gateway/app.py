@@ -48,9 +48,9 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -61,7 +61,7 @@ from openledger.gateway.durability import DurabilityBarrier, NotDurable, check_s
 from openledger.gateway.headers import ratelimit_headers
 from openledger.gateway.headers import request_id as client_request_id
 from openledger.gateway.ids import uuid7
-from openledger.gateway.journal import StreamJournal
+from openledger.gateway.journal import RECORD_VERSION, StreamJournal
 from openledger.gateway.lifetimes import SETTLE_ATTEMPTS, inflight_ttl_s
 from openledger.gateway.metering import (
     RequestError,
@@ -98,10 +98,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+T = TypeVar("T")
 _JSON = (b"content-type", b"application/json")
 _RETRYABLE_STATUS = frozenset({502, 503})
 MAX_ATTEMPTS = 3
 IDEMPOTENCY_KEY_MAX = 255  # characters, as Stripe allows
+STREAM_TAIL_TIMEOUT_S = 5.0  # the last event of a settled stream, to a client that may have stopped reading
 
 
 class Reject(Exception):
@@ -136,6 +138,7 @@ class _Claim:
     key: str
     fingerprint: str
     stored: bool = False
+    kept: bool = False  # its stream was left to the journal: the claim expires (409 meanwhile), never released
 
 
 @dataclass
@@ -198,6 +201,9 @@ class Gateway:
         # markers would fill a `noeviction` Redis (about 150 bytes per request).
         self.settled_marker_ttl_s = math.ceil(ttl_s)
         self.journal = StreamJournal(self.redis, self._recover, self.stream)
+        # Settles and releases run shielded from the request's cancellation; shutdown waits for them.
+        self._settling: set[asyncio.Task[Any]] = set()
+        self._settle_wait_s = timeout_s * (SETTLE_ATTEMPTS + 1) + wait_s + 1
 
     # ------------------------------------------------------------------ ASGI
 
@@ -227,6 +233,8 @@ class Gateway:
         self.journal.start()
 
     async def shutdown(self) -> None:
+        if self._settling:  # a request cancelled past its grace may still be settling: let it finish
+            await asyncio.wait(set(self._settling), timeout=self._settle_wait_s)
         await self.journal.stop()
         if self.session is not None:
             await self.session.close()
@@ -234,6 +242,13 @@ class Gateway:
         self.pool.close()
         await self.redis.close()
         await self.barrier.client.close()
+
+    def _shielded(self, work: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run ``work`` to its end even if the request is cancelled; ``shutdown`` waits for it."""
+        task = asyncio.ensure_future(work)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return asyncio.shield(task)
 
     # --------------------------------------------------------------- request
 
@@ -358,8 +373,8 @@ class Gateway:
         try:
             return await self._serve_new(route, agent, raw, claim, edge, request_id)
         finally:
-            if not claim.stored:  # not metered (or not worth replaying): a retry runs anew
-                await asyncio.shield(self._release_claim(claim, request_id))
+            if not claim.stored and not claim.kept:  # not metered (or not worth replaying): a retry runs anew
+                await self._shielded(self._release_claim(claim, request_id))
 
     async def _serve_new(
         self, route: Route, agent: AgentConfig, raw: bytes, claim: _Claim | None, edge: _Edge, request_id: str = ""
@@ -478,7 +493,7 @@ class Gateway:
         finally:
             if not done:
                 # Failed or cancelled before settling: settle what reached the model, release the rest.
-                await asyncio.shield(self._release_after_failure(agent, keys, request_id, shape, settle, claim))
+                await self._shielded(self._release_after_failure(agent, keys, request_id, shape, settle, claim))
         if not upstream.reached:
             raise _tag(
                 Reject(502, "upstream_unavailable", f"model {model_ref.split('/')[1]!r} is unreachable", 1),
@@ -524,19 +539,27 @@ class Gateway:
             settle = self._stream_settlement(call, meter.result(call.shape), meter.delivered, end)
             if claim is not None:
                 settle.outcome = _stream_outcome(call.request_id)
-            failure = await asyncio.shield(self._settle_stream(call, settle, claim))
+            failure = await self._shielded(self._settle_stream(call, settle, claim, meter))
         if end is not StreamEnd.CLIENT_CLOSED:
             tail = failure or (b"".join(meter.held) if end is StreamEnd.COMPLETED else _broken_event(end, call))
-            await call.edge.send({"type": "http.response.body", "body": tail, "more_body": False})
+            # Settled already; a client that stopped reading must not hold the request open.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STREAM_TAIL_TIMEOUT_S):
+                    await call.edge.send({"type": "http.response.body", "body": tail, "more_body": False})
         return _Result(200, b"", b"text/event-stream", [], call.agent.ref, call.model_ref, time.perf_counter() - t0)
 
-    async def _settle_stream(self, call: _StreamCall, settle: _Settle, claim: _Claim | None) -> bytes | None:
+    async def _settle_stream(
+        self, call: _StreamCall, settle: _Settle, claim: _Claim | None, meter: SseMeter
+    ) -> bytes | None:
         """Settle a stream and wait for durability; None when done, else the error event to end the stream with."""
         try:
             await self._settle(call.agent, AgentKeys(call.agent.ref), settle, claim)
         except (RedisUnavailable, RedisError):
-            # Its journal record stays: a sweep settles it (as far as its progress went) once Redis is back.
-            self.journal.abandon(call.request_id)
+            # Journaled now (retrying): a sweep settles it, as delivered, once Redis is back. Its
+            # Idempotency-Key stays claimed (409 until it expires): a retry must not stream again.
+            self.journal.abandon(call.request_id, meter.text_chunks, meter.text_chars)
+            if claim is not None:
+                claim.kept = True
             log.error("metering failed after a stream", extra={"action": "settle", "request": call.request_id})
             return error_event("metering_unavailable", "usage not recorded yet; it will be from the stream journal")
         self.journal.close(call.request_id)
@@ -563,6 +586,8 @@ class Gateway:
     async def _recover(self, request_id: str, record: bytes, chunks: int, chars: int) -> None:
         """Settle the stream of a gateway that died (``journal.py``), as delivered up to its last progress."""
         data = orjson.loads(record)
+        if data.get("v", 1) != RECORD_VERSION:  # records before versioning are version 1
+            raise ValueError(f"stream journal record version {data.get('v')!r} is not {RECORD_VERSION}")
         template = UsageEvent.from_fields(data["event"])
         shape = RequestShape("openai", *data["shape"])
         tokens_in = min(shape.estimated_input_tokens, shape.max_input_tokens) if chunks else 0
@@ -1019,13 +1044,14 @@ class Gateway:
                 opened = await self.pool.open_stream(base, path, raw, timeout_s)
             else:
                 assert self.session is not None
+                deadline = asyncio.get_running_loop().time() + timeout_s
                 response = await self.session.post(
                     url,
                     data=raw,
                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
                     timeout=aiohttp.ClientTimeout(total=timeout_s),
                 )
-                opened = SessionStream(response)
+                opened = SessionStream(response, deadline)
         except (UpstreamRefused, aiohttp.ClientConnectorError):
             return _Upstream(502, b"", b"application/json", False, "upstream_error", 0.0)
         except TimeoutError:
@@ -1212,6 +1238,7 @@ def _journal_record(call: _StreamCall) -> bytes:
     shape = call.shape
     return orjson.dumps(
         {
+            "v": RECORD_VERSION,
             "agent": call.agent.ref,
             "period": call.agent.budget_period,
             "tpm": call.agent.tokens_per_minute,

@@ -6,7 +6,8 @@ Before the call the gateway knows an upper bound of what a request can cost:
   plus the JSON of ``tools``/``functions``/``tool_choice``/``response_format``
   (schemas are prompt text to the model) and ``IMAGE_MAX_TOKENS`` per image part
   (OpenAI's high-detail maximum, 85 + 170 per 512-px tile of a 2048x768 image);
-  output tokens at most ``max_completion_tokens``/``max_tokens`` (or the default),
+  output tokens at most ``max_completion_tokens``/``max_tokens`` (``null`` or absent:
+  the default, 16 for legacy completions, which the gateway then sends as ``max_tokens``),
   times ``n``. Embeddings: the input's bytes (or token ids) in, nothing out.
 - KServe V1: one token per instance in, at most one prediction per instance out.
 - Open Inference Protocol V2: one token per row (``shape[0]``) of each input.
@@ -28,10 +29,12 @@ from openledger.wire import Price
 
 __all__ = [
     "CHAT_TEMPLATE_TOKENS",
+    "COMPLETIONS_DEFAULT_MAX_TOKENS",
     "IMAGE_MAX_TOKENS",
     "RequestError",
     "RequestShape",
     "actual_usage",
+    "default_output_bound",
     "estimate",
     "max_cost",
     "with_output_bound",
@@ -42,6 +45,8 @@ IMAGE_MAX_TOKENS = 1445  # an upper bound per image part
 IMAGE_ESTIMATED_TOKENS = 765  # a 1024x1024 image at high detail
 CHAT_TEMPLATE_TOKENS = 64  # per chat request: role markers and a default system prompt (SmolLM2's is ~30 tokens)
 _PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
+_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens")
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
 
 class RequestError(ValueError):
@@ -131,15 +136,30 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def default_output_bound(kind: str, default_max_tokens: int) -> int:
+    """The output bound of a request that sets none: ``default_max_tokens``, but at most
+    ``COMPLETIONS_DEFAULT_MAX_TOKENS`` for legacy text completions (OpenAI's and vLLM's default)."""
+    if kind == "completions":
+        return min(COMPLETIONS_DEFAULT_MAX_TOKENS, default_max_tokens)
+    return default_max_tokens
+
+
 def with_output_bound(kind: str, body: dict[str, Any], default_max_tokens: int) -> dict[str, Any] | None:
     """The body to send upstream when the client set no output bound (else None: send it as it came).
 
-    The reservation covers ``default_max_tokens``; the model must not generate more than
-    that, or the tokens beyond it would be served and never charged.
+    A ``null`` bound is no bound (the model would use its own default, which the
+    reservation does not cover): null bound fields are dropped. The reservation covers
+    ``default_output_bound``; the model must not generate more than that, or the tokens
+    beyond it would be served and never charged.
     """
-    if kind not in ("chat", "completions") or "max_tokens" in body or "max_completion_tokens" in body:
+    if kind not in ("chat", "completions"):
         return None
-    return {**body, "max_tokens": default_max_tokens}
+    nulls = [name for name in _OUTPUT_FIELDS if name in body and body[name] is None]
+    if any(body.get(name) is not None for name in _OUTPUT_FIELDS):
+        return {k: v for k, v in body.items() if k not in nulls} if nulls else None
+    bounded = {k: v for k, v in body.items() if k not in nulls}
+    bounded["max_tokens"] = default_output_bound(kind, default_max_tokens)
+    return bounded
 
 
 def estimate(protocol: str, kind: str, body: Any, default_max_tokens: int = 256) -> RequestShape:
@@ -156,7 +176,9 @@ def estimate(protocol: str, kind: str, body: Any, default_max_tokens: int = 256)
     if protocol == "openai":
         n = _positive_int(body, "n") or 1
         max_out = (
-            _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens") or default_max_tokens
+            _positive_int(body, "max_completion_tokens")
+            or _positive_int(body, "max_tokens")
+            or default_output_bound(kind, default_max_tokens)
         )
         max_out *= n
         if kind == "chat":

@@ -12,7 +12,7 @@ from importlib import resources
 
 from openledger.gateway.redisproto import Script
 
-__all__ = ["ADMIT", "IDEMPOTENCY", "MONEY_PRELUDE", "SETTLE", "AdmitCode", "IdempotencyCode", "SettleCode"]
+__all__ = ["ADMIT", "IDEMPOTENCY", "JOURNAL", "MONEY_PRELUDE", "SETTLE", "AdmitCode", "IdempotencyCode", "SettleCode"]
 
 
 def _lua(name: str) -> str:
@@ -23,6 +23,7 @@ MONEY_PRELUDE = _lua("money.lua")
 ADMIT = Script(MONEY_PRELUDE + "\n" + _lua("admit.lua"))
 SETTLE = Script(MONEY_PRELUDE + "\n" + _lua("settle.lua"))
 IDEMPOTENCY = Script(_lua("idempotency.lua"))
+JOURNAL = Script(_lua("journal.lua"))
 
 
 class AdmitCode(IntEnum):

@@ -7,6 +7,9 @@ apart event by event as it is relayed:
 - text chunks pass through at once (never buffered whole), and what they carry
   is counted: chunks with text and characters of text (``delta.content``,
   ``delta.reasoning_content``, tool-call arguments, ``text`` for completions);
+- events are parsed per the SSE spec: the ``data:`` lines are the payload, other
+  fields (``id:``, ``event:``, ``retry:``, ``:`` comments) do not hide it; one event
+  may not exceed ``MAX_EVENT_BYTES`` (``EventTooLarge``: the stream is broken);
 - the usage chunk is held back when the client asked for usage, dropped when it
   did not (usage on a chunk that also has choices is removed from that chunk);
 - ``data: [DONE]`` is held back: the gateway sends the held events only after the
@@ -19,8 +22,10 @@ sends about one token per chunk; four characters per token is OpenAI's rule of
 thumb), input tokens = the request's estimate (characters / 4 plus per-message
 overhead, ``RequestShape.estimated_input_tokens``). Both are capped by the bounds
 the reservation covered, so a stream never costs more than was reserved.
-``stream_outcome`` says whether it is charged at all: a completed stream, or one
-that delivered text, is; one that ended early with nothing delivered is not.
+``stream_outcome`` says whether it is charged at all: a completed stream (the
+model sent ``[DONE]`` or its usage; a bare end of the connection is a broken
+stream), or one that delivered text, is; one that ended early with nothing
+delivered is not.
 """
 
 from __future__ import annotations
@@ -34,9 +39,24 @@ import orjson
 
 from openledger.gateway.metering import RequestShape
 
-__all__ = ["DONE", "SseMeter", "StreamEnd", "StreamUsage", "error_event", "request_usage_body", "stream_outcome"]
+__all__ = [
+    "DONE",
+    "MAX_EVENT_BYTES",
+    "EventTooLarge",
+    "SseMeter",
+    "StreamEnd",
+    "StreamUsage",
+    "error_event",
+    "request_usage_body",
+    "stream_outcome",
+]
 
 DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 1 << 20  # one event (a chunk of a few tokens) is far smaller; a bigger one is a broken model
+
+
+class EventTooLarge(ValueError):
+    """The model sent an event larger than ``MAX_EVENT_BYTES`` (without its end): the stream is broken."""
 
 
 class StreamEnd(Enum):
@@ -49,8 +69,9 @@ class StreamEnd(Enum):
 
 
 def stream_outcome(end: StreamEnd, delivered: bool) -> str:
-    """The usage event's outcome: ``ok`` (charged) for a completed stream or one that delivered
-    text; one that ended early with no text delivered is charged nothing."""
+    """The usage event's outcome: ``ok`` (charged) for a completed stream (the model sent ``[DONE]``
+    or its usage: ``streaming.relay``) or one that delivered text; one that ended early with no
+    text delivered is charged nothing."""
     if delivered or end is StreamEnd.COMPLETED:
         return "ok"
     if end is StreamEnd.UPSTREAM_BROKEN:
@@ -91,8 +112,9 @@ def _count_of(value: Any) -> bool:
 class SseMeter:
     """Feeds on the upstream's bytes; says what to send now and what to hold until settled."""
 
-    def __init__(self, client_wants_usage: bool) -> None:
+    def __init__(self, client_wants_usage: bool, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self.client_wants_usage = client_wants_usage
+        self.max_event_bytes = max_event_bytes
         self.usage: tuple[int, int] | None = None
         self.text_chunks = 0
         self.text_chars = 0
@@ -106,10 +128,11 @@ class SseMeter:
             data = data.replace(b"\r\n", b"\n")
         buffer = self._buffer + data if self._buffer else data
         end = buffer.rfind(b"\n\n")
+        self._buffer = buffer if end < 0 else buffer[end + 2 :]
+        if len(self._buffer) > self.max_event_bytes:
+            raise EventTooLarge(f"an event of the model's stream exceeds {self.max_event_bytes} bytes")
         if end < 0:
-            self._buffer = buffer
             return b""
-        self._buffer = buffer[end + 2 :]
         out: list[bytes] = []
         for event in buffer[:end].split(b"\n\n"):
             if event:
@@ -127,10 +150,23 @@ class SseMeter:
         return b"" if kept is None else kept + b"\n\n"
 
     def _event(self, event: bytes) -> bytes | None:
-        if not event.startswith(b"data:") or b"\ndata:" in event:
-            return event  # comments, named events, multi-line data: relayed untouched
-        payload = event[5:].strip()
-        if payload == b"[DONE]":
+        """One event (its lines, per the SSE spec): relayed, rewritten, held or dropped.
+
+        Its ``data:`` lines are joined into the payload; ``id:``/``event:``/``retry:``
+        and ``:`` comment lines are kept on what is relayed but never hide the payload.
+        """
+        fields: list[bytes] = []
+        data: list[bytes] = []
+        for line in event.split(b"\n"):
+            if line == b"data" or line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+            else:
+                fields.append(line)
+        if not data:
+            return event  # comments, keep-alives: relayed untouched
+        payload = b"\n".join(data)
+        if payload.strip() == b"[DONE]":
             self.done = True
             self.held.append(DONE)
             return None
@@ -155,7 +191,7 @@ class SseMeter:
         if self.client_wants_usage:
             return event
         chunk.pop("usage")
-        return b"data: " + orjson.dumps(chunk)
+        return b"\n".join((*fields, b"data: " + orjson.dumps(chunk)))
 
     def _take_usage(self, usage: dict[str, Any]) -> None:
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")

@@ -149,9 +149,10 @@ class UpstreamStream:
     """A response read as it arrives: ``read()`` returns the next chunk, ``b""`` at its end.
 
     ``read`` raises ``UpstreamBroken`` when the connection dies before the end and
-    ``TimeoutError`` past the deadline. ``close()`` must be called once, always: it
-    returns a finished connection to the pool, closes an unfinished one (which is
-    how a stream is cancelled: the model sees its client go) and frees the slot.
+    ``TimeoutError`` past the deadline (``deadline``, the loop's time), chunks queued
+    or not. ``close()`` must be called once, always: it returns a finished connection
+    to the pool, closes an unfinished one (which is how a stream is cancelled: the
+    model sees its client go) and frees the slot.
     """
 
     def __init__(
@@ -162,11 +163,13 @@ class UpstreamStream:
         self._pool = pool
         self._upstream = upstream
         self._conn = conn
-        self._deadline = deadline
+        self.deadline = deadline
         self._closed = False
 
     async def read(self) -> bytes:
         conn = self._conn
+        if conn.loop.time() >= self.deadline:
+            raise TimeoutError  # even with chunks queued: the deadline bounds the whole stream
         while not conn.chunks:
             if conn.error is not None:
                 raise conn.error
@@ -174,7 +177,7 @@ class UpstreamStream:
                 return b""
             loop = conn.loop
             conn.waiter = loop.create_future()
-            timer = loop.call_at(self._deadline, _expire, conn.waiter)
+            timer = loop.call_at(self.deadline, _expire, conn.waiter)
             try:
                 await conn.waiter
             finally:

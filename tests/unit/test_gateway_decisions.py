@@ -9,7 +9,8 @@ import pytest
 
 from openledger.gateway.durability import DurabilityBarrier, durable
 from openledger.gateway.ids import uuid7
-from openledger.gateway.lifetimes import inflight_ttl_s, shutdown_timeout_s
+from openledger.gateway.journal import LEASE_S, RECORD_TTL_S, SWEEP_INTERVAL_S
+from openledger.gateway.lifetimes import INFLIGHT_MARGIN_S, inflight_ttl_s, shutdown_timeout_s
 from openledger.gateway.metering import (
     CHAT_TEMPLATE_TOKENS,
     RequestError,
@@ -54,6 +55,8 @@ def test_openai_estimate_bounds_input_by_bytes_and_output_by_max_tokens() -> Non
     assert shape.estimated_tokens < shape.max_input_tokens + shape.max_output_tokens + 8
     default = estimate("openai", "completions", {"prompt": "abc"}, default_max_tokens=7)
     assert default.max_output_tokens == 7
+    # Legacy completions default to 16 output tokens (OpenAI's and vLLM's default), chat to the gateway's.
+    assert estimate("openai", "completions", {"prompt": "abc"}, default_max_tokens=256).max_output_tokens == 16
 
 
 @pytest.mark.parametrize(
@@ -126,6 +129,19 @@ def test_in_flight_ttl_is_minutes_and_outlives_a_request_and_shutdown() -> None:
     assert inflight_ttl_s(600, 5, 1) > 600  # follows the upstream timeout
 
 
+@pytest.mark.parametrize("timeouts", [(60, 5, 1), (2, 0.1, 0.1), (600, 5, 10)])
+def test_a_dead_gateways_stream_is_swept_before_its_slot_is_reclaimed(timeouts: tuple[float, float, float]) -> None:
+    """A stream may run until the upstream deadline, its gateway die, its lease (renewed until then)
+    run out and a sweep come: all before the slot's ttl (after it the reservation is released
+    uncharged), with the in-flight margin to spare. Its journal record expires before the settle
+    marker (which lives as long as the slot): a record swept after its marker would charge twice."""
+    upstream_s = timeouts[0]
+    ttl = inflight_ttl_s(*timeouts)
+    assert LEASE_S >= INFLIGHT_MARGIN_S
+    assert upstream_s + LEASE_S + SWEEP_INTERVAL_S + INFLIGHT_MARGIN_S <= ttl
+    assert ttl >= RECORD_TTL_S + INFLIGHT_MARGIN_S
+
+
 def test_no_money_through_lua_numbers() -> None:
     for script in (ADMIT, SETTLE):
         assert "tonumber(ARGV[12])" not in script.source and "%.0f', x) end\n" not in script.source
@@ -167,7 +183,29 @@ def test_a_request_without_an_output_bound_is_sent_with_the_reserved_one() -> No
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert with_output_bound("chat", chat, 256) == {**chat, "max_tokens": 256}
     assert estimate("openai", "chat", chat, 256).max_output_tokens == 256
-    assert with_output_bound("completions", {"prompt": "x"}, 64) == {"prompt": "x", "max_tokens": 64}
+    assert with_output_bound("completions", {"prompt": "x"}, 64) == {"prompt": "x", "max_tokens": 16}
+    assert with_output_bound("completions", {"prompt": "x"}, 8) == {"prompt": "x", "max_tokens": 8}
+    assert estimate("openai", "completions", {"prompt": "x"}, 64).max_output_tokens == 16
     assert with_output_bound("chat", {**chat, "max_tokens": 5}, 256) is None  # the client's own bound
     assert with_output_bound("chat", {**chat, "max_completion_tokens": 5}, 256) is None
     assert with_output_bound("embeddings", {"input": "x"}, 256) is None
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_null_output_bound_is_no_bound_and_gets_the_reserved_one(field: str) -> None:
+    """``"max_tokens": null`` would let the model use its own default, beyond what was reserved."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: None}
+    sent = with_output_bound("chat", chat, 256)
+    assert sent == {"model": "m", "messages": chat["messages"], "max_tokens": 256}
+    assert estimate("openai", "chat", chat, 256).max_output_tokens == 256
+    both = {**chat, "max_tokens": None, "max_completion_tokens": None}
+    assert with_output_bound("chat", both, 256) == {"model": "m", "messages": chat["messages"], "max_tokens": 256}
+    completion = {"prompt": "x", field: None}
+    assert with_output_bound("completions", completion, 256) == {"prompt": "x", "max_tokens": 16}
+    assert estimate("openai", "completions", completion, 256).max_output_tokens == 16
+
+
+def test_a_null_bound_beside_a_real_one_is_dropped_and_the_real_one_kept() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": None, "max_completion_tokens": 5}
+    assert with_output_bound("chat", chat, 256) == {"messages": chat["messages"], "max_completion_tokens": 5}
+    assert estimate("openai", "chat", chat, 256).max_output_tokens == 5

@@ -10,7 +10,15 @@ import pytest
 from openledger.gateway.headers import duration, ratelimit_headers, request_id
 from openledger.gateway.metering import CHAT_TEMPLATE_TOKENS, IMAGE_MAX_TOKENS, RequestError, estimate
 from openledger.gateway.protocols import Route, error_body, match_path, openai_error, upstream_path
-from openledger.gateway.sse import DONE, SseMeter, StreamEnd, error_event, request_usage_body, stream_outcome
+from openledger.gateway.sse import (
+    DONE,
+    EventTooLarge,
+    SseMeter,
+    StreamEnd,
+    error_event,
+    request_usage_body,
+    stream_outcome,
+)
 
 CHAT = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10}
 
@@ -143,10 +151,56 @@ def test_ratelimit_headers_from_the_limiters_backlog() -> None:
     assert [duration(us) for us in (0, 1, 999_000, 60_000_000, 372_000_000)] == ["0s", "1ms", "999ms", "1m0s", "6m12s"]
 
 
-def test_a_stream_is_charged_when_it_completed_or_delivered_text_never_for_nothing() -> None:
+def test_a_stream_is_charged_when_it_completed_or_delivered_text_else_not() -> None:
+    """``COMPLETED`` means the model sent [DONE] or its usage (``relay``): its prompt was processed."""
     assert stream_outcome(StreamEnd.COMPLETED, delivered=False) == "ok"
     for end in StreamEnd:
         assert stream_outcome(end, delivered=True) == "ok"
     assert stream_outcome(StreamEnd.CLIENT_CLOSED, delivered=False) == "cancelled"
     assert stream_outcome(StreamEnd.UPSTREAM_BROKEN, delivered=False) == "upstream_error"
     assert stream_outcome(StreamEnd.TIMEOUT, delivered=False) == "timeout"
+
+
+def test_fields_and_comments_before_data_do_not_hide_the_payload() -> None:
+    """``id:``/``event:``/``retry:``/comment lines are SSE fields: the text is still counted, the usage
+    still read, and the usage chunk the client did not ask for still stripped."""
+    meter = SseMeter(client_wants_usage=False)
+    text = b": keep-alive\nid: 7\nevent: message\n" + _event(_chunk("abcdefgh"))
+    assert meter.feed(text) == text
+    assert (meter.text_chunks, meter.text_chars) == (1, 8)
+    usage = b"id: 8\nretry: 1000\n" + _event(USAGE)
+    assert meter.feed(usage) == b""  # not leaked to a client that did not ask
+    assert meter.usage == (4, 3)
+    assert meter.feed(b"id: 9\n" + DONE) == b"" and meter.done and meter.held == [DONE]
+
+
+def test_usage_on_a_text_chunk_with_fields_is_removed_and_the_fields_kept() -> None:
+    meter = SseMeter(client_wants_usage=False)
+    chunk = {**_chunk("ab"), "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
+    out = meter.feed(b"event: message\n" + _event(chunk))
+    assert out.startswith(b"event: message\ndata: ") and out.endswith(b"\n\n")
+    assert orjson.loads(out.split(b"data: ", 1)[1]) == _chunk("ab")
+    assert meter.usage == (2, 1) and meter.text_chars == 2
+
+
+def test_multi_line_data_is_joined_into_one_payload() -> None:
+    meter = SseMeter(client_wants_usage=True)
+    raw = orjson.dumps(_chunk("abcd"))
+    half = raw.index(b',"choices"') + 1  # joined with a newline: JSON whitespace between members
+    event = b"data: " + raw[:half] + b"\ndata:" + raw[half:] + b"\n\n"
+    assert meter.feed(event) == event
+    assert meter.text_chars == 4 and meter.text_chunks == 1
+    usage = orjson.dumps(USAGE)
+    cut = usage.index(b',"usage"') + 1
+    assert meter.feed(b"data: " + usage[:cut] + b"\ndata: " + usage[cut:] + b"\n\n") == b""
+    assert meter.usage == (4, 3) and len(meter.held) == 1
+
+
+def test_an_event_larger_than_the_limit_breaks_the_stream() -> None:
+    """``SseMeter`` buffers one event at most; a model sending an endless event cannot fill memory."""
+    meter = SseMeter(client_wants_usage=False, max_event_bytes=100)
+    assert meter.feed(b"data: " + b"x" * 50) == b""
+    with pytest.raises(EventTooLarge):
+        meter.feed(b"x" * 60)
+    ok = SseMeter(client_wants_usage=False, max_event_bytes=100)
+    assert ok.feed(_event(_chunk("a" * 30)) * 5)  # many small events in one read are fine

@@ -5,7 +5,12 @@ events over chunked HTTP/1.1, as vLLM and KServe do, then the usage chunk when
 asked (``stream_options.include_usage``) and ``[DONE]``. Faults: ``break_after``
 (close the socket after that many chunks, no terminating chunk), ``stall_after``
 (stop sending after that many chunks, keep the connection), ``usage`` False (never
-send usage). It records each request's body and whether the client (the gateway)
+send usage), ``error_after`` (after that many chunks an error event, then a clean
+end of the response: no ``[DONE]``, no usage, as llama.cpp ends a failed
+generation), ``fields`` (SSE field and comment lines put before every event's
+``data:``, as some servers send ``id:``/``event:``), ``pad`` (characters added to
+every word: a fast, large answer), ``on_stream`` (a hook run as the next stream
+begins, after the gateway admitted it). It records each request's body and whether the client (the gateway)
 went away mid-stream (``cancelled``).
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -27,6 +33,10 @@ class SseUpstream:
         self.break_after: int | None = None
         self.stall_after: int | None = None
         self.usage = True
+        self.error_after: int | None = None
+        self.fields = b""
+        self.pad = 0
+        self.on_stream: Callable[[], None] | None = None  # called once as the next stream begins
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.cancelled = threading.Event()
@@ -70,6 +80,9 @@ class SseUpstream:
 
     def _stream(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         kind = "chat" if "messages" in body else "completions"
+        hook, self.on_stream = self.on_stream, None
+        if hook is not None:
+            hook()
         handler.send_response(200)
         handler.send_header("Content-Type", "text/event-stream")
         handler.send_header("Transfer-Encoding", "chunked")
@@ -80,7 +93,7 @@ class SseUpstream:
             handler.wfile.flush()
 
         def event(obj: Any) -> None:
-            send(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            send(self.fields + b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         for i in range(self.words):
             if self.break_after is not None and i == self.break_after:
@@ -89,7 +102,11 @@ class SseUpstream:
                 return
             if self.stall_after is not None and i == self.stall_after:
                 time.sleep(60)
-            event(self._chunk(kind, i, f"w{i} "))
+            if self.error_after is not None and i == self.error_after:
+                event({"error": {"message": "generation failed", "type": "server_error", "code": 500}})
+                send(b"")  # a clean end of the response, without [DONE] or usage
+                return
+            event(self._chunk(kind, i, f"w{i} " + "x" * self.pad))
             time.sleep(self.delay_s)
         event(self._chunk(kind, self.words, "", "stop"))
         options = body.get("stream_options") or {}
@@ -98,7 +115,7 @@ class SseUpstream:
                      "total_tokens": PROMPT_TOKENS + self.words}  # fmt: skip
             event({"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
                    "usage": usage})  # fmt: skip
-        send(b"data: [DONE]\n\n")
+        send(self.fields + b"data: [DONE]\n\n")
         send(b"")
 
     def _json(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:

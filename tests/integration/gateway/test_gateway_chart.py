@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from openledger.gateway.journal import STOP_WAIT_S
 from openledger.local.platform import LocalPlatform
 from openledger.local.toolchain import KUBERNETES_VERSION, helm_binary
 
@@ -78,7 +79,11 @@ def test_rollouts_drain_then_let_requests_in_flight_finish_and_be_metered() -> N
     )
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop_s >= 1 and shutdown_s > upstream_s
-    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + shutdown_s
+    settle_wait_s = (
+        5 * int(env["OPENLEDGER_GATEWAY_REDIS_TIMEOUT_S"])
+        + int(env["OPENLEDGER_GATEWAY_DURABILITY_TIMEOUT_MS"]) // 1000
+    )
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + shutdown_s + settle_wait_s + STOP_WAIT_S
     assert env["OPENLEDGER_GATEWAY_DURABILITY"] == "aof"
     custom = _render("gateway.upstreamTimeoutSeconds=600", "gateway.preStopSleepSeconds=0")
     [deployment] = _gateway(custom, "Deployment")
