@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     namespaces: list[str] = Field(default_factory=list)
     # Where processes bind. Local mode never leaves loopback.
     bind_host: str = "127.0.0.1"
+    # Where the local serving stand-in's model servers bind and what URL it reports: loopback for
+    # `make up`; the node bridge's host address in cluster mode, so the gateway's pods reach them.
+    standin_host: str = "127.0.0.1"
     metrics_port: int = 9108
     health_port: int = 8081
     gateway_port: int = 8080

@@ -12,10 +12,17 @@ Pods reach the platform's PostgreSQL, Redis and anvil on the bridge's host
 address (``10.213.0.1``), through selector-less Services in the namespace
 ``openledger-platform`` (``postgres``, ``redis``, ``anvil``), so the chart
 sees ordinary in-cluster DNS names and never needs host networking.
+
+Model serving: until real KServe runs on the node, the LOCAL STAND-IN
+(``openledger standin run``, never part of the chart) runs as a host process,
+as the platform's databases do, with ``OPENLEDGER_STANDIN_HOST`` set to the
+bridge's host address: its model servers bind there and the InferenceService
+URLs it writes point there, so the gateway's pods reach them.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +55,7 @@ def up(base: Path, *, product: bool = True) -> str:
     try:
         platform.start()
         apply_platform_services(platform)
+        start_standin(platform)
         timings = {"platform and node": time.monotonic() - started}
         if product:
             from openledger.local.product_cluster import install_product
@@ -113,6 +121,16 @@ def platform_services(platform: LocalPlatform) -> list[dict[str, object]]:
 
 def apply_platform_services(platform: LocalPlatform) -> None:
     node.apply(platform.kubectl, platform_services(platform))
+
+
+def start_standin(platform: LocalPlatform) -> None:
+    """The serving stand-in on the host, its model servers on the bridge's host address (pods reach it)."""
+    env = {
+        **platform.endpoints.as_env(),
+        "OPENLEDGER_LOCAL_DIR": str(platform.base_dir),
+        "OPENLEDGER_STANDIN_HOST": node.HOST_IP,
+    }
+    platform.spawn("serving-standin", [sys.executable, "-m", "openledger.cli", "standin", "run"], env=env)
 
 
 def in_cluster_url(platform: LocalPlatform, name: str) -> str:

@@ -107,12 +107,26 @@ def _socket_answers(path: Path) -> bool:
         return sock.connect_ex(str(path)) == 0
 
 
+# A node whose owner was just killed takes a moment to go (its containerd dies with the owner).
+OWNER_GONE_WAIT_S = 15.0
+
+
+def _still_answers(path: Path, wait_s: float) -> bool:
+    """True when the socket keeps answering for ``wait_s`` (a live node), False once it stops."""
+    deadline = time.monotonic() + wait_s
+    while _socket_answers(path):
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def claim_machine(base_dir: Path) -> None:
     """Refuse to start beside another live node; clean up after a dead one (e.g. a killed test run)."""
     if OWNER_FILE.exists():
         owner = Path(OWNER_FILE.read_text().strip())
         if owner != base_dir:
-            if _socket_answers(containerd_socket(owner)):
+            if _still_answers(containerd_socket(owner), OWNER_GONE_WAIT_S):
                 raise ComponentError(f"another local node runs from {owner}: stop it first (make down there)")
             teardown(owner, {})
     OWNER_FILE.write_text(str(base_dir))

@@ -4,7 +4,9 @@ Locally there is no kubelet and no KServe controller. This process plays their
 part just enough for a Model to answer through the gateway:
 
 - ``run_standin``: watches InferenceServices (kubernetes_asyncio) and, for each,
-  starts one model server on a free loopback port, then writes the
+  starts one model server on a free port of ``standin_host`` (``OPENLEDGER_STANDIN_HOST``:
+  loopback for ``make up``, the node bridge's host address for ``make cluster``, where
+  the gateway runs in pods), then writes the
   InferenceService status through the status subresource as KServe would
   (``url``, ``address``, conditions ``IngressReady``/``PredictorReady``/``Ready``
   with KServe's reasons, ``modelStatus``). Deleting the InferenceService stops it.
@@ -195,16 +197,17 @@ def model_kind(isvc: dict[str, Any], model_protocol: str | None) -> str:
     return "v2" if model.get("protocolVersion") == "v2" else "v1"
 
 
-def serve_argv(name: str, kind: str, port: int) -> list[str]:
-    """The command line of one model server (``openledger standin serve``) on ``port``."""
-    serve = ["standin", "serve", "--name", name, "--kind", kind, "--port", str(port)]
+def serve_argv(name: str, kind: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The command line of one model server (``openledger standin serve``) on ``host:port``."""
+    serve = ["standin", "serve", "--name", name, "--kind", kind, "--port", str(port), "--host", host]
     return [sys.executable, "-m", "openledger.cli", *serve]
 
 
 class StandIn:
-    def __init__(self, log_dir: Path, namespaces: list[str]) -> None:
+    def __init__(self, log_dir: Path, namespaces: list[str], host: str = "127.0.0.1") -> None:
         self.log_dir = log_dir
         self.namespaces = namespaces
+        self.host = host  # where model servers bind, and the host of the URL written in status
         self.served: dict[tuple[str, str], _Served] = {}
 
     async def run(self) -> None:
@@ -270,8 +273,8 @@ class StandIn:
                 served = self._start(meta["namespace"], meta["name"], kind, generation)
                 self.served[key] = served
             if not served.ready and not served.failed:
-                served.ready = await asyncio.to_thread(_probe, served.port, meta["name"])
-            url = f"http://127.0.0.1:{served.port}"
+                served.ready = await asyncio.to_thread(_probe, self.host, served.port, meta["name"])
+            url = f"http://{self.host}:{served.port}"
             status = isvc_status(url, generation, served.ready, served.failed)
             fingerprint = json.dumps([served.ready, served.failed, generation, served.port])
             current = isvc.get("status") or {}
@@ -285,7 +288,7 @@ class StandIn:
 
     def _start(self, namespace: str, name: str, kind: str, generation: int) -> _Served:
         port = free_port()
-        argv = serve_argv(name, kind, port)
+        argv = serve_argv(name, kind, port, self.host)
         process = spawn(
             f"model-{namespace}-{name}", argv, self.log_dir / f"model-{namespace}-{name}.log", detached=False
         )
@@ -301,9 +304,9 @@ class StandIn:
         await merge_patch(self.api, group, version, plural, namespace, name, {"status": status}, status=True)
 
 
-def _probe(port: int, name: str) -> bool:
+def _probe(host: str, port: int, name: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models/{name}", timeout=1) as resp:
+        with urllib.request.urlopen(f"http://{host}:{port}/v1/models/{name}", timeout=1) as resp:
             return bool(json.loads(resp.read()).get("ready"))
     except (OSError, ValueError):
         return False
@@ -313,7 +316,7 @@ def run_standin() -> None:
     import uvloop
 
     settings = get_settings()
-    uvloop.run(StandIn(settings.local_dir.resolve() / "logs", settings.namespaces).run())
+    uvloop.run(StandIn(settings.local_dir.resolve() / "logs", settings.namespaces, settings.standin_host).run())
 
 
 # --------------------------------------------------------------------- CLI
@@ -323,7 +326,7 @@ import click  # noqa: E402
 
 @click.group("standin")
 def standin_command() -> None:
-    """LOCAL STAND-IN for KServe (never in the chart): serve InferenceServices on loopback."""
+    """LOCAL STAND-IN for KServe (never in the chart): serve InferenceServices on OPENLEDGER_STANDIN_HOST."""
 
 
 @standin_command.command("run")

@@ -1,7 +1,9 @@
 """A real node for these tests: the platform in cluster mode, in a throwaway folder.
 
 It is started once for the package and torn down at the end; the last test of
-``test_node.py`` checks that the teardown leaves nothing on the machine.
+``test_node.py`` checks that the teardown leaves nothing on the machine, so every test that
+uses the node sorts before it (``test_installed_product.py``), and
+``test_zz_killed_session.py``, which needs the machine free of nodes, after it.
 """
 
 from __future__ import annotations

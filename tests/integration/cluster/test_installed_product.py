@@ -1,0 +1,173 @@
+"""The product in pods: the checkout's chart and image installed on the node as ``make cluster`` does.
+
+The install goes through :func:`openledger.local.product_cluster.install_product` (the image
+built from this checkout, imported into containerd, ``helm upgrade --install``), and the
+serving stand-in runs on the host as ``make cluster`` runs it
+(:func:`openledger.local.cluster.start_standin`, bound to the bridge's host address).
+Then, as a platform team would check it: every Deployment Ready under the chart's
+ServiceAccount and RBAC, ``helm test``, the README walkthrough's serving flow through the
+in-cluster gateway with the usage event ingested by the in-cluster ledger worker, garbage
+collection of the Model's InferenceService (blockOwnerDeletion under
+OwnerReferencesPermissionEnforcement), and a rollout of the gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import psycopg
+import pytest
+
+from openledger.local import node
+from openledger.local.cluster import PRODUCT_NAMESPACE, RELEASE, start_standin
+from openledger.local.platform import LocalPlatform
+from openledger.local.product_cluster import helm, install_product
+from tests.waiting import wait_for
+
+WALKTHROUGH = Path(__file__).resolve().parents[3] / "examples" / "walkthrough"
+MODEL, AGENT = "demo-llm", "demo-agent"
+FRANCE: list[Any] = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+PARIS = "The capital of France is Paris."  # the stand-in's real LLM at temperature 0
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def product(cluster: LocalPlatform) -> LocalPlatform:
+    install_product(cluster)
+    start_standin(cluster)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def walkthrough(product: LocalPlatform) -> dict[str, str]:
+    """The walkthrough's Model and Agent (03-model.yaml, 04-agent.yaml as they are) in a namespace of their own."""
+    ns = f"ol-walk-{secrets.token_hex(3)}"
+    node.apply(product.kubectl, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}])
+    for manifest in ("03-model.yaml", "04-agent.yaml"):
+        product.kubectl("apply", "-n", ns, "-f", str(WALKTHROUGH / manifest))
+    return {"ns": ns}
+
+
+def _json(platform: LocalPlatform, *args: str) -> dict[str, Any]:
+    result = platform.kubectl(*args, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else {}
+
+
+def _ready(obj: dict[str, Any]) -> bool:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _chat(gateway_url: str, api_key: str) -> str:
+    client = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0, timeout=60)
+    chat = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=20, temperature=0)
+    return str(chat.choices[0].message.content)
+
+
+def _usage_events(database_url: str, agent: str) -> int:
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        row = conn.execute("SELECT count(*) FROM usage_events WHERE agent = %s", (agent,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_every_deployment_is_ready_under_the_charts_service_account(product: LocalPlatform) -> None:
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    deployments = _json(product, "-n", PRODUCT_NAMESPACE, "get", "deployments", "-l", selector)["items"]
+    names = {d["metadata"]["name"] for d in deployments}
+    assert {f"{RELEASE}-operator", f"{RELEASE}-gateway", f"{RELEASE}-ledger-worker"} <= names, names
+    for deployment in deployments:
+        status = deployment.get("status", {})
+        assert status.get("readyReplicas") == deployment["spec"]["replicas"], (deployment["metadata"]["name"], status)
+    accounts = {
+        s["metadata"]["name"] for s in _json(product, "-n", PRODUCT_NAMESPACE, "get", "serviceaccounts")["items"]
+    }
+    pods = [  # the Deployments' pods (hook Jobs have their own accounts)
+        p
+        for p in _json(product, "-n", PRODUCT_NAMESPACE, "get", "pods", "-l", selector)["items"]
+        if [o["kind"] for o in p["metadata"].get("ownerReferences", [])] == ["ReplicaSet"]
+    ]
+    operator_pods = [p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"]
+    assert operator_pods, [p["metadata"]["name"] for p in pods]
+    for pod in operator_pods:  # the one process that talks to the API server, with the chart's RBAC
+        account = pod["spec"]["serviceAccountName"]
+        assert account != "default" and account in accounts, account
+        assert pod["spec"].get("automountServiceAccountToken") is True
+    for pod in pods:  # everything else runs without a token
+        if pod not in operator_pods:
+            assert pod["spec"].get("automountServiceAccountToken") is False, pod["metadata"]["name"]
+
+
+def test_helm_test_passes_from_inside_the_cluster(product: LocalPlatform) -> None:
+    result = helm(product, "test", RELEASE, "--namespace", PRODUCT_NAMESPACE, "--timeout", "3m", timeout_s=240)
+    phases = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("Phase:")]
+    assert phases and set(phases) == {"Succeeded"}, result.stdout
+
+
+def test_walkthrough_answers_through_the_in_cluster_gateway_and_the_ledger_worker_ingests_it(
+    product: LocalPlatform, walkthrough: dict[str, str]
+) -> None:
+    ns = walkthrough["ns"]
+    model = wait_for(
+        lambda: (m := _json(product, "-n", ns, "get", "model", MODEL)) and _ready(m) and m,
+        240,
+        f"Model {MODEL} Ready (InferenceService served by the host stand-in)",
+        1,
+    )
+    isvc = _json(product, "-n", ns, "get", "inferenceservice", MODEL)
+    assert isvc["status"]["url"].startswith(f"http://{node.HOST_IP}:"), isvc["status"]  # reachable from pods
+    assert model["status"].get("url"), model["status"]
+    agent = wait_for(lambda: (a := _json(product, "-n", ns, "get", "agent", AGENT)) and _ready(a) and a, 60,
+                     f"Agent {AGENT} Ready", 0.5)  # fmt: skip
+    secret_name = agent["status"].get("secretName") or f"{AGENT}-credentials"
+    api_key = base64.b64decode(_json(product, "-n", ns, "get", "secret", secret_name)["data"]["apiKey"]).decode()
+
+    assert _chat(product.endpoints.extra["GATEWAY_URL"], api_key) == PARIS
+
+    database_url, who = product.endpoints.database_url, f"{ns}/{AGENT}"
+    assert wait_for(lambda: _usage_events(database_url, who), 60, "the ledger worker pod to ingest the event", 0.5) == 1
+    time.sleep(2)  # a duplicate would follow the first within the worker's next reads
+    assert _usage_events(database_url, who) == 1
+    walkthrough["api_key"] = api_key
+
+
+def test_a_gateway_rollout_completes_and_the_gateway_answers_after_it(
+    product: LocalPlatform, walkthrough: dict[str, str]
+) -> None:
+    deployment = f"deployment/{RELEASE}-gateway"
+    before = _json(product, "-n", PRODUCT_NAMESPACE, "get", deployment)["metadata"]["generation"]
+    product.kubectl("-n", PRODUCT_NAMESPACE, "rollout", "restart", deployment)
+    status = product.kubectl("-n", PRODUCT_NAMESPACE, "rollout", "status", deployment, "--timeout=180s", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    after = _json(product, "-n", PRODUCT_NAMESPACE, "get", deployment)
+    assert after["metadata"]["generation"] > before
+    gateway_url = product.endpoints.extra["GATEWAY_URL"]
+    with urllib.request.urlopen(f"{gateway_url}/healthz", timeout=5) as response:
+        assert response.status == 200
+    if "api_key" in walkthrough:  # the walkthrough's Agent still answers through the new pods
+        assert _chat(gateway_url, walkthrough["api_key"]) == PARIS
+
+
+def test_deleting_the_model_garbage_collects_its_inference_service(
+    product: LocalPlatform, walkthrough: dict[str, str]
+) -> None:
+    ns = walkthrough["ns"]
+    isvc = _json(product, "-n", ns, "get", "inferenceservice", MODEL)
+    owners = isvc["metadata"]["ownerReferences"]
+    assert [(o["kind"], o["name"], o.get("blockOwnerDeletion")) for o in owners] == [("Model", MODEL, True)], owners
+    product.kubectl("-n", ns, "delete", "model", MODEL, "--wait=false")
+    wait_for(
+        lambda: product.kubectl("-n", ns, "get", "inferenceservice", MODEL, check=False).returncode != 0,
+        90,
+        f"the garbage collector to delete InferenceService {MODEL}",
+        0.5,
+    )
+    wait_for(lambda: product.kubectl("-n", ns, "get", "model", MODEL, check=False).returncode != 0, 60,
+             f"Model {MODEL} gone", 0.5)  # fmt: skip
