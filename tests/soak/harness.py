@@ -64,6 +64,7 @@ from openledger.local.product import PRODUCT_PROCESSES, ProductProcess
 from openledger.money import to_base_units
 from openledger.settlement.chain.distributor import Distributor
 from openledger.settlement.chain.rpc import Chain, make_web3
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTS = (
@@ -268,10 +269,10 @@ class Soak:
             out = self.kubectl_apply(doc)
             if out.returncode != 0:
                 raise RuntimeError(f"apply {doc['kind']}: {out.stderr}")
-        _wait_for(lambda: self.get("model", MODEL).get("status", {}).get("phase") == "Ready", 180, "Model Ready")
-        _wait_for(lambda: (self.get("rewardpool", POOL).get("status") or {}).get("models") == 1, 60, "pool bound")
+        wait_for(lambda: self.get("model", MODEL).get("status", {}).get("phase") == "Ready", 180, "Model Ready", 0.5)
+        wait_for(lambda: (self.get("rewardpool", POOL).get("status") or {}).get("models") == 1, 60, "pool bound", 0.5)
         for name, _, _ in AGENTS:
-            self.keys[name] = _wait_for(functools.partial(self._api_key, name), 60, f"Agent {name} key")
+            self.keys[name] = wait_for(functools.partial(self._api_key, name), 60, f"Agent {name} key", 0.5)
 
     def _api_key(self, name: str) -> str | None:
         agent = self.get("agent", name)
@@ -405,7 +406,7 @@ class Soak:
         ids = [i for i in ok_ids if i]
         report.duplicate_ids = [i for i, n in Counter(ids).items() if n > 1]
         db = self.env["DATABASE_URL"]
-        if not self._phase(lambda: _wait_for(self._drained, 180, "the ledger worker to drain the usage stream")):
+        if not self._phase(lambda: wait_for(self._drained, 180, "the ledger worker to drain the usage stream", 0.5)):
             return
         with psycopg.connect(db, connect_timeout=5) as conn:
             stored = {str(r[0]) for r in conn.execute("SELECT event_id FROM usage_events").fetchall()}
@@ -429,7 +430,7 @@ class Soak:
         """Run one check; a stall (something never caught up) is a failure of the run, with logs."""
         try:
             step()
-        except (TimeoutError, RuntimeError) as exc:
+        except (AssertionError, RuntimeError) as exc:  # wait_for's timeout, a failed command
             self.report.stalled.append(f"{exc}\n{self.logs()}")
             return False
         return True
@@ -455,7 +456,7 @@ class Soak:
                 and _base_units(status.get("pendingAmount") or "0") == 0
             )
 
-        _wait_for(settled, 6 * EPOCH_S + 60, "the pool to settle every epoch")
+        wait_for(settled, 6 * EPOCH_S + 60, "the pool to settle every epoch", 0.5)
         chain = Chain(make_web3(self.env["ETH_RPC_URL"]))
         status = self.get("rewardpool", POOL).get("status") or {}
         settled_total = _base_units(status.get("settledTotal") or "0")
@@ -563,21 +564,6 @@ def _cli_ok(env: dict[str, str], *args: str) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"openledger {' '.join(args)} exited {out.returncode}: {out.stdout}\n{out.stderr}")
     return out.stdout
-
-
-def _wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, logs: Callable[[], str] = str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except Exception as exc:  # noqa: BLE001 - "not yet"; reported if it never succeeds
-            last = f"{type(exc).__name__}: {exc}"
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}; last: {last!r}\n{logs()}")
 
 
 @contextmanager
