@@ -31,6 +31,10 @@ ANVIL_NPM_VERSION = "1.7.1"
 SOLC_NPM_VERSION = "0.8.37"
 OPENZEPPELIN_NPM_VERSION = "5.7.0"
 COREDNS_VERSION = "v1.14.7"
+# Prometheus 3.16 (its Go module is versioned v0.316.x): promtool checks and unit-tests the
+# chart's alert rules, the server scrapes the local platform to test the dashboards' queries.
+PROMETHEUS_VERSION = "v0.316.0"
+PROMETHEUS_COMMANDS = ("prometheus", "promtool")
 # A kubelet of the API server's version: it still runs on cgroup v1 with
 # ``failCgroupV1: false`` and falls back to its own cgroupDriver when
 # containerd 1.6 (Debian 12) does not answer the CRI RuntimeConfig call.
@@ -266,6 +270,25 @@ def helm_binary() -> Path:
     return dest / "helm"
 
 
+def _build_prometheus(dest: Path) -> None:
+    _require("go", "install Go 1.26 or newer")
+    with tempfile.TemporaryDirectory(prefix="ol-prometheus-") as tmp:
+        work = Path(tmp)
+        _run(["go", "mod", "init", "openledger.local/prometheusbuild"], cwd=work, env=_go_env())
+        _progress(f"building prometheus and promtool {PROMETHEUS_VERSION} (first run only)")
+        _run(["go", "get", f"github.com/prometheus/prometheus@{PROMETHEUS_VERSION}"], cwd=work, env=_go_env())
+        for command in PROMETHEUS_COMMANDS:  # without the builtinassets tag: no web UI, the API is all we use
+            package = f"github.com/prometheus/prometheus/cmd/{command}"
+            _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(dest / command), package], cwd=work,
+                 env=_go_env())  # fmt: skip
+
+
+def prometheus_binaries() -> dict[str, Path]:
+    """``prometheus`` and ``promtool``, by name."""
+    dest = _cached("prometheus", PROMETHEUS_VERSION, list(PROMETHEUS_COMMANDS), _build_prometheus)
+    return {cmd: dest / cmd for cmd in PROMETHEUS_COMMANDS}
+
+
 def _npm_install(dest: Path, packages: list[str]) -> None:
     _require("npm", "install Node.js 20 and npm")
     (dest / "package.json").write_text('{"private": true}\n')
@@ -324,6 +347,8 @@ def main() -> None:
     for name, path in kubernetes_node_binaries().items():
         print(f"{name.replace('-', '_')}={path}")
     print(f"coredns={coredns_binary()}")
+    for name, path in prometheus_binaries().items():
+        print(f"{name}={path}")
 
 
 if __name__ == "__main__":
