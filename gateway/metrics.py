@@ -11,13 +11,22 @@
 | ``openledger_gateway_queue_wait_seconds`` | histogram | — | time spent queued before admission |
 | ``openledger_gateway_circuit_state`` | gauge | model | 0 closed, 1 half-open, 2 open |
 | ``openledger_gateway_budget_remaining_base_units`` | gauge | agent | budget left after the last admission |
+| ``openledger_gateway_budget_limit_base_units`` | gauge | agent, enforcement | the Agent's budget for the period |
+| ``openledger_gateway_budget_store_up`` | gauge | — | 1: last Redis call succeeded; 0: connection error/timeout |
+| ``openledger_gateway_inflight_requests`` | gauge | model | admitted, not yet finished (streams until they end) |
 | ``openledger_gateway_usage_events_total`` | counter | outcome | usage events written |
+| ``openledger_gateway_streams_total`` | counter | end | streamed answers by how they ended |
 
-Limiter reasons: rate_requests, rate_tokens, too_large, budget, queue_full, queue_timeout.
+Limiter reasons: rate_requests, rate_tokens, too_large, budget, queue_full, queue_timeout,
+spend_restoring, not_durable. The budget limit is set when the gateway loads an Agent's
+configuration (join it to the remaining gauge on ``agent``); Agents without a budget have none.
 Agent and model labels are ``namespace/name`` references, never keys.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -67,6 +76,23 @@ BUDGET_REMAINING = Gauge(
     ["agent"],
     registry=REGISTRY,
 )
+BUDGET_LIMIT = Gauge(
+    "openledger_gateway_budget_limit_base_units",
+    "The Agent's budget for the current period (base units), by enforcement (Hard or Soft).",
+    ["agent", "enforcement"],
+    registry=REGISTRY,
+)
+BUDGET_STORE_UP = Gauge(
+    "openledger_gateway_budget_store_up",
+    "1 when the gateway's last Redis call succeeded, 0 after a Redis connection error or timeout.",
+    registry=REGISTRY,
+)
+INFLIGHT = Gauge(
+    "openledger_gateway_inflight_requests",
+    "Requests this process admitted and has not finished yet (streams until they end).",
+    ["model"],
+    registry=REGISTRY,
+)
 USAGE_EVENTS = Counter(
     "openledger_gateway_usage_events", "Usage events written to the usage stream.", ["outcome"], registry=REGISTRY
 )
@@ -76,3 +102,9 @@ STREAMS = Counter(
     ["end"],
     registry=REGISTRY,
 )
+
+
+@functools.lru_cache(maxsize=65_536)
+def child(metric: Any, *labels: str) -> Any:
+    """A labelled child, cached: prometheus-client's ``labels()`` takes a lock and builds a tuple each call."""
+    return metric.labels(*labels)

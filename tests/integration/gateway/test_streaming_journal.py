@@ -75,7 +75,7 @@ def test_shutdown_waits_for_settles_that_outlived_their_requests(
             await gateway.redis.execute("SET", key, "1")
 
         async def request() -> None:
-            await gateway._shielded(settle())
+            await gateway.settler.shielded(settle())
 
         task = asyncio.ensure_future(request())
         await asyncio.sleep(0.05)
