@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from openledger.output import emit, output_option
 from openledger.settings import get_settings
 
 SIGNER_KEY_ENV = "OPENLEDGER_SIGNER_KEY"
@@ -133,7 +134,10 @@ def settler_run(
     default=None,
     help="Distributor address (default: the one the pool's roots were published to, from the database or server).",
 )
-def claim_command(account: str, pool: str, server: str | None, submit: bool, distributor: str | None) -> None:
+@output_option(default="json")
+def claim_command(
+    account: str, pool: str, server: str | None, submit: bool, distributor: str | None, output: str
+) -> None:
     """Print ACCOUNT's latest claimable cumulative amount and Merkle proof; optionally submit the claim."""
     from openledger.settlement import claims
 
@@ -152,7 +156,20 @@ def claim_command(account: str, pool: str, server: str | None, submit: bool, dis
         if not target:
             raise click.UsageError("--distributor is required to submit (the proof source did not name one)")
         out["submitted"] = claims.submit_claim(settings.eth_rpc_url, _signer_key(), target, claim)
-    click.echo(json.dumps(out, indent=2))
+    emit(output, out, lambda: _claim_table(out))
+
+
+def _claim_table(out: dict[str, Any]) -> None:
+    for key, value in out.items():
+        if key == "proof":
+            click.echo(f"proof\t{len(value)} sibling(s)")
+            for sibling in value:
+                click.echo(f"  {sibling}")
+        elif isinstance(value, dict):
+            for sub, item in value.items():
+                click.echo(f"{key}.{sub}\t{item}")
+        else:
+            click.echo(f"{key}\t{value}")
 
 
 __all__ = ["chain_group", "claim_command", "settler_group"]

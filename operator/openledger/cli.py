@@ -8,11 +8,16 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from openledger.logs import setup_logging
+from openledger.output import emit, output_option
 from openledger.settings import get_settings
+
+if TYPE_CHECKING:
+    from openledger.doctor import Report
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,6 +127,59 @@ def local_status(base_dir: Path | None) -> None:
     for name, pid, alive, log in rows:
         click.echo(f"{name:<16} pid {pid:<8} {'running' if alive else 'DEAD':<8} {log}")
     sys.exit(0 if all(alive for _, _, alive, _ in rows) else 1)
+
+
+# ------------------------------------------------------------------ doctor
+
+
+@cli.command("doctor")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds each call to a dependency may take (a dead one fails its check, never hangs).",
+)
+@click.option(
+    "--verify-timeout",
+    "verify_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds the `ledger verify` check may take.",
+)
+@click.option("--full-verify", is_flag=True, help="Run the full `ledger verify` (splits, stream), not the quick one.")
+@output_option(amounts=False)
+def doctor(timeout_s: float, verify_timeout_s: float, full_verify: bool, output: str) -> None:
+    """Check everything the product depends on; exit 0 when nothing failed (warnings allowed), 1 otherwise.
+
+    API server and CRD versions, operator leader Lease, Redis and its persistence,
+    PostgreSQL schema, ingest lag, dead letters, settlement lag and chain per pool,
+    `ledger verify`. Each check is ok, warn or fail with a one-line detail and, when
+    something is wrong, what to do. `-o json` / `-o yaml` print
+    {checks: [{name, status, detail, hint}], ok}. Settings as every command reads
+    them (DATABASE_URL, REDIS_URL, KUBECONFIG, OPENLEDGER_*); a dependency that is
+    not configured is a warning saying so. Secrets (RPC URLs, passwords) never appear.
+    """
+    from openledger.doctor import run_doctor
+
+    report = run_doctor(get_settings(), timeout_s=timeout_s, verify_timeout_s=verify_timeout_s, full_verify=full_verify)
+    emit(output, report.document(), lambda: _doctor_table(report))
+    sys.exit(report.exit_code)
+
+
+def _doctor_table(report: Report) -> None:
+    from openledger.doctor import Status
+
+    width = max((len(c.name) for c in report.checks), default=0)
+    for check in report.checks:
+        click.echo(f"{check.status.value.upper():<5} {check.name:<{width}}  {check.detail}")
+        if check.hint and check.status is not Status.OK:
+            click.echo(f"      {'':<{width}}  -> {check.hint}")
+    failed = sum(c.status is Status.FAIL for c in report.checks)
+    warned = sum(c.status is Status.WARN for c in report.checks)
+    click.echo(f"{'OK' if report.ok else 'FAILED'}: {failed} failed, {warned} warning(s), {len(report.checks)} checks")
 
 
 from openledger.controllers.commands import crds as _crds_group  # noqa: E402

@@ -9,10 +9,12 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 import click
 
 from openledger.money import to_decimal_string
+from openledger.output import base_units, emit, output_option
 
 
 def _url(database_url: str | None) -> str:
@@ -62,8 +64,9 @@ def _fmt(amount: int, decimals: int) -> str:
 @ledger_group.command("balance")
 @click.argument("account")
 @click.option("--decimals", default=18, show_default=True, help="For the decimal column.")
+@output_option()
 @_db_option
-def ledger_balance(account: str, decimals: int, database_url: str | None) -> None:
+def ledger_balance(account: str, decimals: int, output: str, database_url: str | None) -> None:
     """Cached balance of ACCOUNT (`kind:ref`, or an address / pool name for all its accounts)."""
     from openledger.settlement.ledger import db, queries
 
@@ -72,8 +75,20 @@ def ledger_balance(account: str, decimals: int, database_url: str | None) -> Non
         if not accounts:
             click.echo(f"no account matches {account!r}", err=True)
             sys.exit(1)
-        for key in accounts:
-            click.echo(f"{key}\t{_fmt(queries.balance(conn, key), decimals)}")
+        balances = [(key, queries.balance(conn, key)) for key in accounts]
+
+    def table() -> None:
+        for key, amount in balances:
+            click.echo(f"{key}\t{_fmt(amount, decimals)}")
+
+    document = {
+        "accounts": [
+            {"account": key, "balance": base_units(amount), "decimal": to_decimal_string(amount, decimals)}
+            for key, amount in balances
+        ],
+        "decimals": decimals,
+    }
+    emit(output, document, table)
 
 
 @ledger_group.command("trace")
@@ -81,42 +96,81 @@ def ledger_balance(account: str, decimals: int, database_url: str | None) -> Non
 @click.option("--limit", default=50, show_default=True, help="Most recent entries to show.")
 @click.option("--events", "show_events", is_flag=True, help="Also list each entry's events and their amounts.")
 @click.option("--decimals", default=18, show_default=True)
+@output_option()
 @_db_option
-def ledger_trace(account: str, limit: int, show_events: bool, decimals: int, database_url: str | None) -> None:
+def ledger_trace(
+    account: str, limit: int, show_events: bool, decimals: int, output: str, database_url: str | None
+) -> None:
     """The entries behind ACCOUNT's balance, with the running balance."""
     from openledger.settlement.ledger import db, queries
 
+    traced: list[tuple[str, int, list[tuple[queries.TraceLine, list[queries.EventLine]]]]] = []
     with db.connect(_url(database_url)) as conn:
         accounts = queries.resolve_accounts(conn, account)
         if not accounts:
             click.echo(f"no account matches {account!r}", err=True)
             sys.exit(1)
         for key in accounts:
-            click.echo(f"# {key}: cached balance {_fmt(queries.balance(conn, key), decimals)}")
+            lines = [
+                (line, queries.entry_events(conn, line.entry_id, key) if show_events and line.kind == "usage" else [])
+                for line in queries.trace(conn, key, limit)
+            ]
+            traced.append((key, queries.balance(conn, key), lines))
+
+    def table() -> None:
+        for key, balance, lines in traced:
+            click.echo(f"# {key}: cached balance {_fmt(balance, decimals)}")
             click.echo("entry\tkind\tpool\tevents\tamount\trunning_balance\tcreated_at\tmemo")
-            for line in queries.trace(conn, key, limit):
+            for line, events in lines:
                 click.echo(
                     f"{line.entry_id}\t{line.kind}\t{line.pool or '-'}\t{line.event_count}\t{line.amount}\t"
                     f"{line.running_balance}\t{line.created_at.isoformat()}\t{line.memo}"
                 )
-                if show_events and line.kind == "usage":
-                    for ev in queries.entry_events(conn, line.entry_id, key):
-                        click.echo(
-                            f"  event {ev.event_id} stream {ev.stream_id} {ev.agent} {ev.model} "
-                            f"cost {ev.cost} -> {ev.amount}"
-                        )
+                for ev in events:
+                    click.echo(
+                        f"  event {ev.event_id} stream {ev.stream_id} {ev.agent} {ev.model} "
+                        f"cost {ev.cost} -> {ev.amount}"
+                    )
+
+    document = {"accounts": [_trace_document(key, balance, lines, show_events) for key, balance, lines in traced]}
+    emit(output, document, table)
+
+
+def _trace_document(key: str, balance: int, lines: list[Any], show_events: bool) -> dict[str, Any]:
+    entries = []
+    for line, events in lines:
+        entry: dict[str, Any] = {
+            "entry": line.entry_id,
+            "kind": line.kind,
+            "pool": line.pool,
+            "events": line.event_count,
+            "amount": base_units(line.amount),
+            "running_balance": base_units(line.running_balance),
+            "created_at": line.created_at,
+            "memo": line.memo,
+        }
+        if show_events:
+            entry["event_lines"] = [
+                {"event_id": ev.event_id, "stream_id": ev.stream_id, "agent": ev.agent, "model": ev.model,
+                 "cost": base_units(ev.cost), "amount": base_units(ev.amount)}
+                for ev in events
+            ]  # fmt: skip
+        entries.append(entry)
+    return {"account": key, "balance": base_units(balance), "entries": entries}
 
 
 @ledger_group.command("spend")
 @click.argument("agent")
 @click.option("--period", type=click.Choice(["Hour", "Day", "Month"]), default="Day", show_default=True)
+@output_option()
 @_db_option
-def ledger_spend(agent: str, period: str, database_url: str | None) -> None:
+def ledger_spend(agent: str, period: str, output: str, database_url: str | None) -> None:
     """What AGENT (namespace/name) spent in the current period."""
     from openledger.settlement.ledger import db, queries
 
     with db.connect(_url(database_url)) as conn:
-        click.echo(queries.spend_this_period(conn, agent, period))
+        spent = queries.spend_this_period(conn, agent, period)
+    emit(output, {"agent": agent, "period": period, "spent": base_units(spent)}, lambda: click.echo(spent))
 
 
 @ledger_group.command("reverse")
@@ -143,8 +197,11 @@ def ledger_reverse(event_id: str, memo: str, database_url: str | None) -> None:
 @click.option("--no-stream", is_flag=True, help="Skip reconciling with the Redis stream.")
 @click.option("--no-chain", is_flag=True, help="Skip checking each pool's distributor on the chain.")
 @click.option("--rpc-url", default=None, help="The chain's JSON-RPC URL (default: ETH_RPC_URL).")
+@output_option(amounts=False)
 @_db_option
-def ledger_verify(quick: bool, no_stream: bool, no_chain: bool, rpc_url: str | None, database_url: str | None) -> None:
+def ledger_verify(
+    quick: bool, no_stream: bool, no_chain: bool, rpc_url: str | None, output: str, database_url: str | None
+) -> None:
     """Check the ledger; exit 1 and say where on any drift."""
     from openledger.settings import get_settings
     from openledger.settlement.ledger import db
@@ -161,11 +218,20 @@ def ledger_verify(quick: bool, no_stream: bool, no_chain: bool, rpc_url: str | N
             dead_letter_stream=s.usage_dead_letter_stream,
             rpc_url=None if (quick or no_chain) else (rpc_url or s.eth_rpc_url),
         )
-    for key, value in sorted(report.stats.items()):
-        click.echo(f"{key}: {value}")
-    for drift in report.drifts:
-        click.echo(str(drift))
-    click.echo("OK: no drift" if report.ok else f"FAILED: {len(report.drifts)} drift(s)")
+
+    def table() -> None:
+        for key, value in sorted(report.stats.items()):
+            click.echo(f"{key}: {value}")
+        for drift in report.drifts:
+            click.echo(str(drift))
+        click.echo("OK: no drift" if report.ok else f"FAILED: {len(report.drifts)} drift(s)")
+
+    document = {
+        "ok": report.ok,
+        "stats": dict(sorted(report.stats.items())),
+        "drifts": [{"check": d.check, "where": d.where, "detail": d.detail} for d in report.drifts],
+    }
+    emit(output, document, table)
     sys.exit(0 if report.ok else 1)
 
 
