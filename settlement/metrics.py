@@ -11,6 +11,15 @@
 | openledger_settlement_reorgs_total | counter | — | receipts that vanished or moved to another block |
 | openledger_settlement_chain_errors_total | counter | operation | failed RPC calls (chain down, timeouts, errors) |
 | openledger_settlement_database_up | gauge | pool | 1: the pool's last pass reached PostgreSQL; 0: it could not |
+| openledger_settlement_publication_blocked | gauge | pool, reason | 1 while the settler refuses to publish for reason |
+| openledger_settlement_gas_spent_wei_total | counter | pool | gasUsed * effectiveGasPrice of confirmed transactions |
+
+Publication reasons (``BLOCK_REASONS``): IdentityChanged, DistributorInUse, ContractStateMismatch
+(``settler.decide`` refuses), PublicationBlocked (the preflight reverts: no allowance, funds or
+role). Each pass that reaches the chain sets every reason of its pool: 1 for the one that
+blocks it, 0 for the others; a pass cut short by the chain or PostgreSQL leaves them as they were.
+Gas counts every settlement transaction that reached its confirmations, reverted ones too
+(they cost gas as well).
 
 Amounts are gauges of base units (floats lose precision past 2**53, which is fine
 for alerting; the ledger has the exact numbers).
@@ -48,13 +57,30 @@ DATABASE_UP = Gauge(
     registry=REGISTRY,
 )
 
+PUBLICATION_BLOCKED = Gauge(
+    "openledger_settlement_publication_blocked",
+    "1 while the pool's settler refuses to publish, by reason; 0 otherwise",
+    ["pool", "reason"],
+    registry=REGISTRY,
+)
+BLOCK_REASONS = ("IdentityChanged", "DistributorInUse", "ContractStateMismatch", "PublicationBlocked")
+GAS_SPENT_WEI = Counter(
+    "openledger_settlement_gas_spent_wei",
+    "gasUsed x effectiveGasPrice of confirmed settlement transactions (wei)",
+    ["pool"],
+    registry=REGISTRY,
+)
+
 __all__ = [
+    "BLOCK_REASONS",
     "CHAIN_ERRORS",
     "DATABASE_UP",
     "EPOCHS_SETTLED",
     "FEE_BUMPS",
+    "GAS_SPENT_WEI",
     "LAG_EPOCHS",
     "PENDING_BASE_UNITS",
+    "PUBLICATION_BLOCKED",
     "REORGS",
     "SETTLED_BASE_UNITS",
     "TRANSACTIONS",

@@ -58,10 +58,12 @@ from openledger.settlement.connections import ConnectionPool, DatabaseUnavailabl
 from openledger.settlement.crash import crash_point
 from openledger.settlement.errors import ChainUnavailable, ContractReverted, invariant
 from openledger.settlement.metrics import (
+    BLOCK_REASONS,
     DATABASE_UP,
     EPOCHS_SETTLED,
     LAG_EPOCHS,
     PENDING_BASE_UNITS,
+    PUBLICATION_BLOCKED,
     SETTLED_BASE_UNITS,
 )
 from openledger.settlement.pool import ChainIdentity, ChainSecrets, PoolConfig, PoolStatus, database_unavailable
@@ -273,6 +275,7 @@ class Settler:
         self._key = secrets.signer_key
         self.policy = replace(policy or FeePolicy(), confirmations=config.confirmations)
         self.distributor = Distributor(self.chain, config.distributor)
+        self._reasons = set(BLOCK_REASONS)  # every reason this pool's gauge may carry (a new one is added)
 
     def close(self) -> None:
         if self._own_db:
@@ -288,7 +291,7 @@ class Settler:
         return f"publish:{self.config.pool}:{epoch}"
 
     def txmanager(self, conn: Conn) -> TxManager:
-        return TxManager(conn, self.chain, self._key, self.config.chain_id, self.policy)
+        return TxManager(conn, self.chain, self._key, self.config.chain_id, self.policy, pool=self.config.pool)
 
     # ----------------------------------------------------------------- step
 
@@ -349,8 +352,17 @@ class Settler:
             events.append(("Warning", "PublicationBlocked", blocked))
             log.warning("publication blocked", extra={"action": "settle.blocked", "pool": self.config.pool,
                                                       "reason": blocked})  # fmt: skip
+        if reachable:  # a pass the chain cut short cannot tell whether the publication is still blocked
+            self._publish_blocked(reason)
         status = self._status(conn, current, reachable, message, tuple(events))
         return replace(status, blocked_message=blocked, blocked_reason=reason)
+
+    def _publish_blocked(self, reason: str) -> None:
+        """``publication_blocked``: 1 for ``reason`` (if any), 0 for every other reason of the pool."""
+        if reason:
+            self._reasons.add(reason)
+        for known in self._reasons:
+            PUBLICATION_BLOCKED.labels(self.config.pool, known).set(1 if known == reason else 0)
 
     # -------------------------------------------------------------- observe
 

@@ -62,6 +62,8 @@ class Receipt:
     block_number: int
     block_hash: str
     status: int  # 1 success, 0 reverted
+    gas_used: int = 0
+    effective_gas_price: int = 0  # wei per gas actually paid (base fee + tip)
 
 
 @dataclass(frozen=True)

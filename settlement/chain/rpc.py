@@ -85,6 +85,8 @@ class Chain:
             block_number=int(raw["blockNumber"]),
             block_hash=_hex(raw["blockHash"]),
             status=int(raw["status"]),
+            gas_used=int(raw.get("gasUsed", 0)),
+            effective_gas_price=int(raw.get("effectiveGasPrice", 0)),
         )
 
     def in_pool(self, tx_hash: str) -> bool:

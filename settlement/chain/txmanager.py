@@ -50,7 +50,7 @@ from openledger.settlement.chain.decisions import (
 from openledger.settlement.chain.rpc import Chain
 from openledger.settlement.crash import crash_point
 from openledger.settlement.errors import ChainUnavailable, SettlementInvariant
-from openledger.settlement.metrics import FEE_BUMPS, REORGS, TRANSACTIONS
+from openledger.settlement.metrics import FEE_BUMPS, GAS_SPENT_WEI, REORGS, TRANSACTIONS
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,16 @@ class TxManager:
     """One signer on one chain. Not thread-safe; one per settler loop."""
 
     def __init__(
-        self, conn: psycopg.Connection[Any], chain: Chain, signer_key: str, chain_id: int, policy: FeePolicy
+        self,
+        conn: psycopg.Connection[Any],
+        chain: Chain,
+        signer_key: str,
+        chain_id: int,
+        policy: FeePolicy,
+        *,
+        pool: str = "",
     ) -> None:
+        """``pool``: the RewardPool whose transactions these are (labels the gas spent; "" counts none)."""
         if not conn.autocommit:
             raise ValueError(
                 "conn: the transaction manager needs an autocommit connection (it opens its own transactions)"
@@ -148,6 +156,7 @@ class TxManager:
         self.sender = Account.from_key(signer_key).address.lower()
         self.chain_id = chain_id
         self.policy = policy
+        self.pool = pool
 
     def __repr__(self) -> str:  # never show the key
         return f"TxManager(sender={self.sender}, chain_id={self.chain_id})"
@@ -361,6 +370,8 @@ class TxManager:
                 )
             if isinstance(action, Confirm):
                 TRANSACTIONS.labels("confirmed" if receipt.status == 1 else "reverted").inc()
+                if self.pool:  # a reverted transaction burnt its gas too
+                    GAS_SPENT_WEI.labels(self.pool).inc(receipt.gas_used * receipt.effective_gas_price)
                 log.info("transaction confirmed", extra={"action": "tx.confirmed", **extra, "tx_hash": receipt.tx_hash})
             else:
                 log.info("transaction mined", extra={"action": "tx.mined", **extra, "tx_hash": receipt.tx_hash})
