@@ -178,6 +178,8 @@ def test_a_second_settler_for_the_same_pool_stands_by_while_a_pass_holds_the_poo
             standby = first.step(3 * EPOCH_S + 1)
             assert "another settler" in standby.chain_message
             assert ep.get_epoch(db_conn, POOL, 2) is None  # it closed nothing
+            # Released explicitly: closing the session frees it too, but PostgreSQL ends a session asynchronously.
+            other.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"settler:{POOL}",))
         # The lock is per pass, not per process: once released, the pool settles on.
         assert first.step(3 * EPOCH_S + 1).current_epoch == 3
         assert ep.get_epoch(db_conn, POOL, 2) is not None
