@@ -199,7 +199,126 @@ def _label_selector(description: str) -> Schema:
 # -------------------------------------------------------------------- Model
 
 MODEL_PHASES = ["Pending", "Deploying", "Ready", "Degraded", "Failed"]
-MODEL_CONDITIONS = ["Ready", "InferenceServiceReady", "Priced"]
+MODEL_CONDITIONS = ["Ready", "InferenceServiceReady", "Priced", "ScalingSupported"]
+
+
+# What KServe can scale on in each deployment mode (read from KServe's webhook and
+# reconcilers): Knative's Pod Autoscaler knows concurrency and rps; Standard mode's HPA
+# knows only cpu and memory (any other scaleMetric leaves the HPA without metrics, and
+# Kubernetes then scales on CPU); KEDA (autoscalerClass keda) takes Prometheus queries.
+SCALE_METRICS_BY_MODE: dict[str, tuple[str, ...]] = {
+    "Knative": ("concurrency", "rps"),
+    "Standard": ("cpu", "memory", "inflight"),
+}
+SCALE_METRICS = ("concurrency", "rps", "cpu", "memory", "inflight")
+DEFAULT_SCALE_METRIC = {"Knative": "concurrency", "Standard": "cpu"}
+URL_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+
+
+def model_scaling_schema() -> Schema:
+    return _object(
+        "Replica bounds and the autoscaling signal. What KServe can use depends on deploymentMode: Knative"
+        " scales on concurrency or rps (Knative Pod Autoscaler) and to zero; Standard scales on cpu or memory"
+        " (HPA), or on inflight, the in-flight requests the gateway reports for this Model (KEDA with a"
+        " Prometheus query), which can also scale to zero.",
+        {
+            "minReplicas": _integer(
+                "Fewest replicas; 0 scales to zero when idle (needs deploymentMode Knative, or metric inflight).",
+                minimum=0,
+                maximum=1000,
+                default=1,
+            ),
+            "maxReplicas": _integer(
+                "Most replicas; at least minReplicas (unset: KServe's default, which for the Standard mode HPA is"
+                " minReplicas, i.e. no autoscaling). Required with metric inflight.",
+                minimum=1,
+                maximum=1000,
+            ),
+            "metric": _string(
+                "Autoscaling metric. Knative: concurrency or rps (requests per replica). Standard: cpu or memory"
+                " (utilisation percent, HPA) or inflight (gateway in-flight requests per replica, KEDA)."
+                " Unset: concurrency in Knative, cpu in Standard.",
+                enum=list(SCALE_METRICS),
+            ),
+            "target": _integer(
+                "Target value of metric per replica: in-flight requests (concurrency, inflight), requests/s (rps),"
+                " or percent of the request (cpu, memory: 1-100). Required with memory and inflight.",
+                minimum=1,
+                maximum=100000,
+            ),
+            "prometheus": _object(
+                "The Prometheus KEDA queries for metric inflight (the one that scrapes the gateway).",
+                {
+                    "serverAddress": _string(
+                        "Prometheus HTTP API base URL, e.g. http://prometheus-operated.monitoring.svc:9090.",
+                        pattern=URL_PATTERN,
+                        maxLength=2048,
+                    ),
+                },
+                required=["serverAddress"],
+            ),
+        },
+        rules=[
+            _rule(
+                "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+                "minReplicas must be less than or equal to maxReplicas",
+                ".minReplicas",
+            ),
+            _rule(
+                "!has(self.prometheus) || (has(self.metric) && self.metric == 'inflight')",
+                "prometheus is only used with metric inflight",
+                ".prometheus",
+            ),
+            _rule(
+                "!has(self.metric) || self.metric != 'inflight' || has(self.prometheus)",
+                "metric inflight needs prometheus.serverAddress (where KEDA reads the gateway's metric)",
+                ".prometheus",
+            ),
+            _rule(
+                "!has(self.metric) || !(self.metric in ['inflight', 'memory']) || has(self.target)",
+                "metric inflight or memory needs target (KServe sets no default for either)",
+                ".target",
+            ),
+            _rule(
+                "!has(self.metric) || self.metric != 'inflight' || has(self.maxReplicas)",
+                "metric inflight needs maxReplicas (KEDA would otherwise keep minReplicas)",
+                ".maxReplicas",
+            ),
+        ],
+        default={},
+    )
+
+
+def model_scaling_rules() -> list[Schema]:
+    """Spec-level rules: what ``scaling`` may ask for depends on ``deploymentMode``."""
+    return [
+        _rule(
+            "self.scaling.minReplicas > 0 || self.deploymentMode == 'Knative' ||"
+            " (has(self.scaling.metric) && self.scaling.metric == 'inflight')",
+            "scaling.minReplicas 0 (scale to zero) needs deploymentMode Knative or scaling.metric inflight (KEDA)",
+            ".scaling.minReplicas",
+        ),
+        _rule(
+            "self.deploymentMode != 'Knative' || !has(self.scaling.metric) ||"
+            " self.scaling.metric in ['concurrency', 'rps']",
+            "scaling.metric: deploymentMode Knative scales on concurrency or rps (Knative Pod Autoscaler);"
+            " cpu, memory and inflight need deploymentMode Standard",
+            ".scaling.metric",
+        ),
+        _rule(
+            "self.deploymentMode != 'Standard' || !has(self.scaling.metric) ||"
+            " self.scaling.metric in ['cpu', 'memory', 'inflight']",
+            "scaling.metric: deploymentMode Standard scales on cpu or memory (HPA) or inflight (KEDA);"
+            " KServe's HPA ignores concurrency and rps (they need deploymentMode Knative)",
+            ".scaling.metric",
+        ),
+        _rule(
+            "self.deploymentMode != 'Standard' || !has(self.scaling.target) ||"
+            " (has(self.scaling.metric) && self.scaling.metric == 'inflight') || self.scaling.target <= 100",
+            "scaling.target is a utilisation percentage (1-100) for cpu and memory",
+            ".scaling.target",
+        ),
+    ]
 
 
 def model_spec_schema() -> Schema:
@@ -262,38 +381,7 @@ def model_spec_schema() -> Schema:
                 ],
                 default={},
             ),
-            "scaling": _object(
-                "Replica bounds and the autoscaling signal.",
-                {
-                    "minReplicas": _integer(
-                        "Fewest replicas; 0 scales to zero when idle (needs deploymentMode Knative).",
-                        minimum=0,
-                        maximum=1000,
-                        default=1,
-                    ),
-                    "maxReplicas": _integer(
-                        "Most replicas; at least minReplicas (unset: KServe's default).", minimum=1, maximum=1000
-                    ),
-                    "metric": _string(
-                        "Autoscaling metric: concurrency or rps (requests), cpu or memory (utilisation).",
-                        enum=["concurrency", "rps", "cpu", "memory"],
-                        default="concurrency",
-                    ),
-                    "target": _integer(
-                        "Target value of metric per replica (in-flight requests, requests/s, or percent).",
-                        minimum=1,
-                        maximum=100000,
-                    ),
-                },
-                rules=[
-                    _rule(
-                        "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
-                        "minReplicas must be less than or equal to maxReplicas",
-                        ".minReplicas",
-                    )
-                ],
-                default={},
-            ),
+            "scaling": model_scaling_schema(),
             "canary": _object(
                 "A canary rollout: the new storageUri gets trafficPercent of the requests (KServe keeps the last"
                 " rolled-out revision for the rest). Needs deploymentMode Knative.",
@@ -349,11 +437,7 @@ def model_spec_schema() -> Schema:
         },
         required=["format", "storageUri", "owner"],
         rules=[
-            _rule(
-                "self.scaling.minReplicas > 0 || self.deploymentMode == 'Knative'",
-                "scaling.minReplicas 0 (scale to zero) needs deploymentMode Knative",
-                ".scaling.minReplicas",
-            ),
+            *model_scaling_rules(),
             _rule(
                 "!has(self.canary) || self.deploymentMode == 'Knative'",
                 "canary needs deploymentMode Knative (KServe supports canary rollouts only in Knative mode)",

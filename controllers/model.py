@@ -89,6 +89,7 @@ class ModelReconciler:
         self._sem = asyncio.Semaphore(self.settings.operator_max_concurrent_reconciles)
         self._crd_missing_reported: set[Key] = set()
         self._rejections: dict[Key, str] = {}
+        self._scaling_warnings: dict[Key, str] = {}
         # (Model resourceVersion, InferenceService resourceVersion) of the last pass that
         # converged: a pass over the same inputs would decide the same (a no-op), so skip it.
         self._converged: dict[Key, tuple[int, int]] = {}
@@ -136,6 +137,7 @@ class ModelReconciler:
         self._locks.pop(key, None)
         self._crd_missing_reported.discard(key)
         self._rejections.pop(key, None)
+        self._scaling_warnings.pop(key, None)
         handle = self._requeued.pop(key, None)
         if handle is not None:
             handle.cancel()
@@ -237,6 +239,7 @@ class ModelReconciler:
         retry_s = 0.0
         seen = mb.Observation(isvc=self.isvcs.get(key))
         desired = mb.desired_inference_service(model)
+        await self._warn_scaling(key, model)
         actual = self.isvcs.get(key)
         try:
             if actual is None:
@@ -289,6 +292,18 @@ class ModelReconciler:
         if not await self._publish_route(key, model, status.url):
             retry_s = retry_s or self._backoff(key)
         return retry_s, (_rv(model), _rv(seen.isvc))
+
+    async def _warn_scaling(self, key: Key, model: dict[str, Any]) -> None:
+        """One Warning Event per distinct scaling problem (the condition keeps saying it)."""
+        warning = mb.scaling_plan(model).warning
+        if not warning:
+            self._scaling_warnings.pop(key, None)
+            return
+        if self._scaling_warnings.get(key) == warning:
+            return
+        self._scaling_warnings[key] = warning
+        log.warning("scaling not supported", extra={"action": "validate", "kind": KIND, "object": "/".join(key)})
+        await emit_event(self.api, model, "ScalingNotSupported", warning, type_="Warning")
 
     # ------------------------------------------------------------- children
 

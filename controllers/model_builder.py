@@ -1,6 +1,8 @@
 """Pure decisions of the Model controller: no I/O, no client library.
 
 - ``desired_inference_service(model)``: the KServe InferenceService a Model maps to.
+- ``scaling_plan(model)``: its autoscaler per deployment mode (Knative KPA, HPA or KEDA)
+  and a warning when the Model asks for scaling KServe would ignore.
 - ``drift_patch(desired, actual)``: the merge patch that repairs a live
   InferenceService, or ``None`` when the fields we own already match.
 - ``model_status(...)``: phase, url, replicas and conditions mirrored from KServe.
@@ -8,9 +10,10 @@
 
 Ownership rule (level-based, and peaceful next to KServe's own defaulting): the
 controller owns every field it sets, plus a few "toggles" it must also remove
-when the Model stops asking for them (canary percent, replica bounds, GPU limit,
-GPU node selector and toleration). Fields nobody in the Model mentions are left
-alone, so KServe's webhook defaults never cause a fight.
+when the Model stops asking for them (canary percent, replica bounds, scale metric,
+target and autoScaling when the autoscaler changes, GPU limit, GPU node selector and
+toleration). Fields nobody in the Model mentions are left alone, so KServe's webhook
+defaults never cause a fight.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from openledger.controllers.api import API_VERSION, defaulted_spec
+from openledger.controllers.api import API_VERSION, DEFAULT_SCALE_METRIC, SCALE_METRICS_BY_MODE, defaulted_spec
 from openledger.controllers.conditions import (
     FALSE,
     TRUE,
@@ -43,6 +46,16 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "openledger"
 MODEL_LABEL = "openledger.io/model"
 DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+AUTOSCALER_CLASS_ANNOTATION = "serving.kserve.io/autoscalerClass"
+# The gauge the gateway exports per Model (``namespace/name``): requests it admitted and
+# has not finished, streams included. Summed over every gateway pod.
+INFLIGHT_METRIC = "openledger_gateway_inflight_requests"
+# Answers the gateway gave for a Model (any status): it wakes a Model scaled to zero.
+REQUESTS_METRIC = "openledger_gateway_requests_total"
+# A Model at zero replicas answers fast (502/503), so its in-flight gauge may read 0 at
+# every scrape: any request in this window asks for one replica (threshold above any count).
+WAKE_WINDOW = "2m"
+WAKE_THRESHOLD = "1000000000"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 NVIDIA_TOLERATION: dict[str, str] = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
@@ -64,7 +77,7 @@ FAILURE_REASONS = frozenset(
 )
 
 # Predictor fields the controller removes when the Model does not ask for them.
-_PREDICTOR_TOGGLES = ("canaryTrafficPercent", "maxReplicas", "scaleTarget")
+_PREDICTOR_TOGGLES = ("canaryTrafficPercent", "maxReplicas", "scaleTarget", "scaleMetric", "autoScaling")
 
 
 # ------------------------------------------------------------------- desired
@@ -73,6 +86,102 @@ _PREDICTOR_TOGGLES = ("canaryTrafficPercent", "maxReplicas", "scaleTarget")
 def _spec(model: Mapping[str, Any]) -> Mapping[str, Any]:
     """The Model's spec with the CRD's defaults applied (they are written once, in ``api``)."""
     return defaulted_spec("Model", model.get("spec"))
+
+
+# ------------------------------------------------------------------- scaling
+
+
+@dataclass(frozen=True)
+class ScalingPlan:
+    """How KServe will scale the Model: its autoscaler, the predictor fields and annotations
+    that ask for it, and ``warning`` when the Model asks for something KServe would ignore."""
+
+    autoscaler: str  # kpa (Knative Pod Autoscaler) | hpa | keda
+    metric: str
+    predictor: dict[str, Any]
+    annotations: dict[str, str]
+    warning: str = ""
+
+
+def inflight_query(namespace: str, name: str) -> str:
+    """PromQL of the Model's in-flight requests over every gateway pod (0 when none are reported)."""
+    return f'sum({INFLIGHT_METRIC}{{model="{object_ref(namespace, name)}"}}) or vector(0)'
+
+
+def _ignored_metric_warning(mode: str, metric: str, used: str) -> str:
+    supported = " or ".join(SCALE_METRICS_BY_MODE[mode])
+    return (
+        f"scaling.metric {metric} is not available in deploymentMode {mode} (KServe scales on {supported} there);"
+        f" scaling on {used} instead. Set scaling.metric to one of: {', '.join(SCALE_METRICS_BY_MODE[mode])}"
+    )
+
+
+def _effective_metric(mode: str, metric: str, target: Any) -> tuple[str, Any, str]:
+    """(metric, target, warning): what KServe will really scale on in ``mode``."""
+    if metric not in SCALE_METRICS_BY_MODE[mode]:
+        used = DEFAULT_SCALE_METRIC[mode]
+        return used, None, _ignored_metric_warning(mode, metric, used)
+    if metric == "memory" and target is None:
+        return "cpu", None, "scaling.metric memory needs a target (KServe's HPA would fall back to CPU); scaling on cpu"
+    return metric, target, ""
+
+
+def wake_query(namespace: str, name: str) -> str:
+    """PromQL of the requests the gateway answered for the Model lately (0 when none)."""
+    ref = object_ref(namespace, name)
+    return f'sum(increase({REQUESTS_METRIC}{{model="{ref}"}}[{WAKE_WINDOW}])) or vector(0)'
+
+
+def _prometheus_metric(server_address: str, query: str, threshold: str) -> dict[str, Any]:
+    metric = {"backend": "prometheus", "serverAddress": server_address, "query": query}
+    return {"type": "External", "external": {"metric": metric, "target": {"type": "Value", "value": threshold}}}
+
+
+def _keda_autoscaling(model: Mapping[str, Any], server_address: str, target: int, min_replicas: int) -> dict[str, Any]:
+    """``spec.predictor.autoScaling``: Prometheus triggers on the gateway's gauges. KServe passes
+    ``target.value`` to KEDA as the threshold per replica (AverageValue); the largest wins."""
+    ns, name = model["metadata"]["namespace"], model["metadata"]["name"]
+    metrics = [_prometheus_metric(server_address, inflight_query(ns, name), str(target))]
+    if min_replicas == 0:
+        metrics.append(_prometheus_metric(server_address, wake_query(ns, name), WAKE_THRESHOLD))
+    return {"metrics": metrics}
+
+
+def scaling_plan(model: Mapping[str, Any]) -> ScalingPlan:
+    """The autoscaling KServe gets for a Model, per deployment mode (pure).
+
+    The CRD's CEL rules refuse combinations KServe would ignore; Models stored before
+    those rules (the old default was metric concurrency in Standard mode, which KServe's
+    HPA silently replaced by CPU) still come here: they keep what KServe did (CPU at its
+    default target) and get ``warning``, which the controller reports as a condition
+    and an Event.
+    """
+    spec = _spec(model)
+    scaling = spec["scaling"]
+    mode = str(spec["deploymentMode"])
+    requested = str(scaling.get("metric") or DEFAULT_SCALE_METRIC[mode])
+    metric, target, warning = _effective_metric(mode, requested, scaling.get("target"))
+
+    predictor: dict[str, Any] = {"minReplicas": int(scaling["minReplicas"])}
+    if scaling.get("maxReplicas") is not None:
+        predictor["maxReplicas"] = int(scaling["maxReplicas"])
+    if mode == "Knative":
+        autoscaler, annotations = "kpa", {}
+    elif metric == "inflight":
+        autoscaler, annotations = "keda", {AUTOSCALER_CLASS_ANNOTATION: "keda"}
+    else:
+        autoscaler, annotations = "hpa", {AUTOSCALER_CLASS_ANNOTATION: "hpa"}
+        predictor["minReplicas"] = max(1, predictor["minReplicas"])  # KServe's HPA never goes below one
+
+    if autoscaler == "keda":
+        # KServe refuses scaleMetric with KEDA: the trigger lives in autoScaling.
+        address = str(scaling["prometheus"]["serverAddress"])
+        predictor["autoScaling"] = _keda_autoscaling(model, address, int(target), predictor["minReplicas"])
+    else:
+        predictor["scaleMetric"] = metric
+        if target is not None:
+            predictor["scaleTarget"] = int(target)
+    return ScalingPlan(autoscaler, metric, predictor, annotations, warning)
 
 
 def owner_reference(model: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +202,6 @@ def desired_inference_service(model: Mapping[str, Any]) -> dict[str, Any]:
     spec = _spec(model)
     fmt = spec.get("format") or {}
     resources = spec["resources"]
-    scaling = spec["scaling"]
     canary = spec.get("canary")
     mode = spec["deploymentMode"]
 
@@ -122,15 +230,8 @@ def desired_inference_service(model: Mapping[str, Any]) -> dict[str, Any]:
     if limits:
         predictor_model["resources"] = {"limits": limits, **({"requests": requests} if requests else {})}
 
-    predictor: dict[str, Any] = {
-        "model": predictor_model,
-        "minReplicas": int(scaling["minReplicas"]),
-        "scaleMetric": scaling["metric"],
-    }
-    if scaling.get("maxReplicas") is not None:
-        predictor["maxReplicas"] = int(scaling["maxReplicas"])
-    if scaling.get("target") is not None:
-        predictor["scaleTarget"] = int(scaling["target"])
+    scaling = scaling_plan(model)
+    predictor: dict[str, Any] = {"model": predictor_model, **scaling.predictor}
     if canary and mode == "Knative":
         predictor["canaryTrafficPercent"] = int(canary["trafficPercent"])
     if gpus > 0:
@@ -145,7 +246,7 @@ def desired_inference_service(model: Mapping[str, Any]) -> dict[str, Any]:
             "name": meta["name"],
             "namespace": meta["namespace"],
             "labels": {MANAGED_BY_LABEL: MANAGED_BY, MODEL_LABEL: meta["name"]},
-            "annotations": {DEPLOYMENT_MODE_ANNOTATION: mode},
+            "annotations": {DEPLOYMENT_MODE_ANNOTATION: mode, **scaling.annotations},
             "ownerReferences": [owner_reference(model)],
         },
         "spec": {"predictor": predictor},
@@ -226,13 +327,13 @@ def drift_patch(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> Drift 
     if model_patch:
         pred_patch["model"] = model_patch
 
-    for key in ("minReplicas", "scaleMetric", *_PREDICTOR_TOGGLES):
+    for key in ("minReplicas", *_PREDICTOR_TOGGLES):
         want = d_pred.get(key)
         have = a_pred.get(key)
         if want is None and have is not None and key in _PREDICTOR_TOGGLES:
             pred_patch[key] = None
             fields.append(f"spec.predictor.{key}")
-        elif want is not None and have != want:
+        elif want is not None and not _contains(have, want):
             pred_patch[key] = want
             fields.append(f"spec.predictor.{key}")
 
@@ -435,6 +536,9 @@ def model_status(model: Mapping[str, Any], seen: Observation, now: str) -> Model
             now=now,
         )
     conds.insert(0, ready)
+    scaling = scaling_condition(model, generation, now)
+    if scaling is not None:
+        conds.append(scaling)
 
     return ModelStatus(
         phase=phase,
@@ -443,6 +547,19 @@ def model_status(model: Mapping[str, Any], seen: Observation, now: str) -> Model
         conditions=merge_conditions(old.get("conditions"), conds),
         observed_generation=generation,
         inference_service=str(meta["name"]),
+    )
+
+
+def scaling_condition(model: Mapping[str, Any], generation: int, now: str) -> Condition | None:
+    """``ScalingSupported``: False while the Model asks for scaling KServe would ignore; present
+    only once it was False (then True after the fix), so a healthy Model does not carry it."""
+    warning = scaling_plan(model).warning
+    if warning:
+        return condition("ScalingSupported", False, "MetricNotSupported", warning, generation=generation, now=now)
+    if find_condition((model.get("status") or {}).get("conditions"), "ScalingSupported") is None:
+        return None
+    return condition(
+        "ScalingSupported", True, "Supported", "KServe can scale on scaling.metric", generation=generation, now=now
     )
 
 

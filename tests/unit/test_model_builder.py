@@ -20,7 +20,7 @@ def make_model(**spec: Any) -> dict[str, Any]:
         "protocol": "v1",
         "deploymentMode": "Standard",
         "resources": {"gpus": 0},
-        "scaling": {"minReplicas": 1, "metric": "concurrency"},
+        "scaling": {"minReplicas": 1},
         "pricing": {"token": "OPEN", "decimals": 18, "perRequest": "0", "perInputToken": "0", "perOutputToken": "0"},
         "owner": OWNER,
     }
@@ -125,7 +125,10 @@ def test_hand_edits_are_repaired_by_a_merge_patch() -> None:
     assert drift.patch["spec"]["predictor"]["model"] == {"storageUri": "hf://org/model"}
     assert drift.patch["spec"]["predictor"]["minReplicas"] == 1
     assert drift.patch["spec"]["predictor"]["canaryTrafficPercent"] is None
-    assert drift.patch["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
+    assert drift.patch["metadata"]["annotations"] == {
+        "serving.kserve.io/deploymentMode": "Standard",
+        "serving.kserve.io/autoscalerClass": "hpa",
+    }
     assert "spec.predictor.model.storageUri" in drift.fields
 
 

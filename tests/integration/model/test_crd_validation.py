@@ -101,7 +101,7 @@ def test_a_valid_model_gets_its_defaults(kube: Kube) -> None:
     spec = created["spec"]
     assert spec["protocol"] == "v1"
     assert spec["deploymentMode"] == "Standard"
-    assert spec["scaling"] == {"minReplicas": 1, "metric": "concurrency"}
+    assert spec["scaling"] == {"minReplicas": 1}  # metric: none; the operator picks the mode's default
     assert spec["resources"] == {"gpus": 0}
     assert spec["pricing"]["decimals"] == 18 and spec["pricing"]["token"] == "OPEN"
     assert spec["owner"] == OWNER

@@ -37,7 +37,7 @@ def test_model_becomes_an_owned_gpu_inference_service(kube: Kube, namespace: str
             runtime="kserve-huggingfaceserver",
             protocol="openai",
             resources={"gpus": 2, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "cpu": "4", "memory": "32Gi"},
-            scaling={"minReplicas": 1, "maxReplicas": 4, "metric": "concurrency", "target": 8},
+            scaling={"minReplicas": 1, "maxReplicas": 4, "metric": "cpu", "target": 70},
         )
     )
     pred = predictor(kube, namespace, "llama")
@@ -59,12 +59,7 @@ def test_model_becomes_an_owned_gpu_inference_service(kube: Kube, namespace: str
     assert pred["model"]["resources"]["limits"] == {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "2"}
     assert pred["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pred["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert (pred["minReplicas"], pred["maxReplicas"], pred["scaleMetric"], pred["scaleTarget"]) == (
-        1,
-        4,
-        "concurrency",
-        8,
-    )
+    assert (pred["minReplicas"], pred["maxReplicas"], pred["scaleMetric"], pred["scaleTarget"]) == (1, 4, "cpu", 70)
     model = wait_for(
         lambda: (m := kube.model(namespace, "llama")) and m.get("status", {}).get("phase") == "Deploying" and m
     )
