@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 from typing import Any
 
 import click
@@ -178,15 +177,38 @@ def check_group() -> None:
 
 @check_group.command("gateway")
 @click.argument("url")
-def check_gateway(url: str) -> None:
-    """GET URL/readyz answers 200."""
+@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True, help="Per request.")
+def check_gateway(url: str, timeout_s: float) -> None:
+    """GET URL/readyz is 200, and an unknown API key gets 401 (the key lookup in Redis works).
+
+    /readyz alone says only that the process serves HTTP; the 401 needs the gateway's
+    Redis: without it the gateway answers 503 and this check fails.
+    """
+    base = url.rstrip("/")
     try:
-        ok = _http_ok(url.rstrip("/") + "/readyz")
+        ready = _http_status(base + "/readyz", timeout_s)
+        lookup = _http_status(base + "/v1/models", timeout_s, {"Authorization": f"Bearer {_UNKNOWN_KEY}"})
     except OSError as exc:
         raise click.ClickException(f"gateway {url}: {exc}") from None
-    if not ok:
-        raise click.ClickException(f"gateway {url}: /readyz is not 200")
-    click.echo(f"gateway {url} is ready")
+    problem = gateway_problem(ready, lookup)
+    if problem:
+        raise click.ClickException(f"gateway {url}: {problem}")
+    click.echo(f"gateway {url} is ready and looks API keys up in Redis (an unknown key got 401)")
+
+
+# Well formed (olk_ + 43 URL-safe characters, as the Agent controller mints them), never issued.
+_UNKNOWN_KEY = "olk_" + "0" * 43
+
+
+def gateway_problem(readyz_status: int, unknown_key_status: int) -> str:
+    """Why the gateway fails its helm test, or "" when /readyz is 200 and an unknown key gets 401."""
+    if readyz_status != 200:
+        return f"/readyz answered {readyz_status}, not 200"
+    if unknown_key_status == 401:
+        return ""
+    if unknown_key_status == 503:
+        return "an unknown API key got 503: the gateway cannot read its Redis (key lookup)"
+    return f"an unknown API key got {unknown_key_status}, not 401"
 
 
 @check_group.command("redis")
@@ -270,6 +292,14 @@ async def _lease(name: str, namespace: str) -> tuple[str, float, int]:
     return str(spec.holder_identity or ""), age, int(spec.lease_duration_seconds or 15)
 
 
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return bool(response.status == 200)
+def _http_status(url: str, timeout_s: float, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status of a GET; an error status is an answer too (OSError only when none came)."""
+    import urllib.error
+
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)

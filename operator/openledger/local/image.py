@@ -40,6 +40,7 @@ CONTEXT = (
     "Containerfile",
     ".containerignore",
     "pyproject.toml",
+    "constraints/image.txt",
     "README.md",
     "operator",
     "controllers",
@@ -55,6 +56,20 @@ BASES: dict[str, tuple[str, ...]] = {
     # to drop the debug symbols some wheels ship (uvloop's alone are 10 MB).
     "builder": ("python3", "python3-venv", "ca-certificates", "binutils"),
 }
+
+
+# The exact versions the image installs: pyproject's dependencies and all they need, as the tested venv has them.
+CONSTRAINTS = Path("constraints") / "image.txt"
+CONSTRAINTS_HEADER = (
+    "# The image's Python packages, pinned to the versions of the tested virtualenv: pyproject.toml's\n"
+    "# [project] dependencies and everything they require. Regenerate after a dependency change:\n"
+    "#   .venv/bin/python -m openledger.local.image --constraints > constraints/image.txt\n"
+)
+# The image's interpreter (Debian 12's python3), for the dependencies' environment markers.
+IMAGE_PYTHON = "3.11.2"
+# Needed by the image's Python only, so absent from a newer venv: redis wants async-timeout
+# below 3.11.3. The version pip resolved for the image when it was first built unpinned.
+IMAGE_ONLY_PINS: dict[str, tuple[str, list[str]]] = {"async-timeout": ("5.0.1", [])}
 
 
 class ImageError(RuntimeError):
@@ -247,6 +262,61 @@ def _run(argv: list[str], step: str, *, stream: bool = False) -> str:
     return done.stdout
 
 
+def runtime_requirements(root: Path = ROOT) -> list[str]:
+    """pyproject.toml's [project] dependencies (the image's; no extras, no dev or serving tools)."""
+    import tomllib
+
+    with (root / "pyproject.toml").open("rb") as f:
+        return list(tomllib.load(f)["project"]["dependencies"])
+
+
+def pinned_closure(requirements: list[str], installed: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
+    """``{name: version}`` of ``requirements`` and all they require (extras followed), from ``installed``.
+
+    ``installed`` maps a canonical name to its version and its ``Requires-Dist`` lines, as
+    :func:`installed_distributions` reads them; markers are evaluated for the image's Python.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    python = {"python_version": IMAGE_PYTHON.rsplit(".", 1)[0], "python_full_version": IMAGE_PYTHON}
+    pins: dict[str, str] = {}
+    todo = [(Requirement(r), frozenset[str]()) for r in requirements]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        req, _ = todo.pop()
+        name = canonicalize_name(req.name)
+        if (name, frozenset(req.extras)) in seen:
+            continue
+        seen.add((name, frozenset(req.extras)))
+        if name not in installed:
+            raise ImageError(f"{req.name} is required but not installed in this virtualenv")
+        version, requires = installed[name]
+        pins[name] = version
+        for line in requires:
+            dep = Requirement(line)
+            if dep.marker is None or any(dep.marker.evaluate({**python, "extra": e}) for e in req.extras or {""}):
+                todo.append((dep, frozenset()))
+    return dict(sorted(pins.items()))
+
+
+def installed_distributions() -> dict[str, tuple[str, list[str]]]:
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    found = {
+        str(canonicalize_name(d.metadata["Name"])): (d.version, list(d.requires or []))
+        for d in metadata.distributions()
+    }
+    return {**IMAGE_ONLY_PINS, **found}
+
+
+def constraints_text(root: Path = ROOT) -> str:
+    pins = pinned_closure(runtime_requirements(root), installed_distributions())
+    return CONSTRAINTS_HEADER + "".join(f"{name}=={version}\n" for name, version in pins.items())
+
+
 def _log(message: str) -> None:
     print(f"[openledger] {message}", file=sys.stderr, flush=True)
 
@@ -254,7 +324,11 @@ def _log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openledger.local.image", description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even when the cache holds this key")
+    parser.add_argument("--constraints", action="store_true", help=f"print {CONSTRAINTS} from this virtualenv")
     args = parser.parse_args(argv)
+    if args.constraints:
+        print(constraints_text(), end="")
+        return 0
     try:
         image = build(force=args.force)
     except ImageError as exc:

@@ -2,7 +2,7 @@
 
 It is started once for the package and torn down at the end; the last test of
 ``test_node.py`` checks that the teardown leaves nothing on the machine, so every test that
-uses the node sorts before it (``test_installed_product.py``), and
+uses the node sorts before it (``test_installed_product.py``, ``test_lifecycle.py``), and
 ``test_zz_killed_session.py``, which needs the machine free of nodes, after it.
 """
 
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from openledger.local.cluster import apply_platform_services
+from openledger.local.cluster import apply_platform_services, start_standin
 from openledger.local.platform import LocalPlatform
+from openledger.local.product_cluster import install_product
 
 
 @pytest.fixture(scope="package")
@@ -30,3 +31,15 @@ def cluster() -> Iterator[LocalPlatform]:
     finally:
         platform.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="package")
+def product(cluster: LocalPlatform) -> LocalPlatform:
+    """The chart installed from this checkout's image (as ``make cluster``), and the serving stand-in.
+
+    Installed once for the modules that use it; ``test_lifecycle.py`` ends by uninstalling it.
+    """
+    timings = install_product(cluster)
+    print("install timings (s): " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in timings.items()))
+    start_standin(cluster)
+    return cluster

@@ -11,7 +11,12 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from openledger.local import node
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from openledger.local import image, node
 from openledger.local.cluster import PLATFORM_NAMESPACE, platform_services
 from openledger.local.images import ImageFile, ImageSpec, layer_tar, oci_archive
 from openledger.local.platform import LocalPlatform
@@ -92,3 +97,48 @@ def test_crash_loops_of_this_install_are_reported_and_old_revisions_ignored() ->
     }
     assert crash_looping(pods, since="2026-01-01T00:05:00Z") == [("new-init", "main")]
     assert ("old", "main") in crash_looping(pods)
+
+
+def test_the_image_constraints_pin_every_dependency_of_pyproject_within_its_range() -> None:
+    """constraints/image.txt is not stale: each pyproject dependency, and all it needs, pinned inside its range."""
+    pins = _pins(image.ROOT / image.CONSTRAINTS)
+    for line in image.runtime_requirements():
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is in pyproject.toml but not pinned in {image.CONSTRAINTS}: regenerate it"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name], str(requirement))
+    # The closure from this venv's metadata (names: versions may move between venvs of the same ranges).
+    needed = set(image.pinned_closure(image.runtime_requirements(), image.installed_distributions()))
+    assert needed <= set(pins), f"not pinned in {image.CONSTRAINTS}: {sorted(needed - set(pins))}"
+
+
+def test_the_constraints_follow_extras_and_markers_and_name_what_is_missing() -> None:
+    installed = {
+        "a": ("1.0", ["b[fast]>=1", "c; extra == 'dev'", "d; python_version < '3'", "f; python_version >= '3.12'"]),
+        "b": ("2.0", ["e; extra == 'fast'", "g; python_full_version < '3.11.3'"]),  # the image's 3.11.2: needed
+        "c": ("3.0", []),
+        "e": ("4.0", []),
+        "g": ("5.0", []),
+    }
+    base = {"a": "1.0", "b": "2.0", "e": "4.0", "g": "5.0"}
+    assert image.pinned_closure(["a>=1"], installed) == base
+    assert image.pinned_closure(["a[dev]"], installed) == {**base, "c": "3.0"}
+    with pytest.raises(image.ImageError, match="zz is required but not installed"):
+        image.pinned_closure(["zz"], installed)
+
+
+def test_the_constraints_file_is_part_of_the_image_key_and_the_build() -> None:
+    assert str(image.CONSTRAINTS) in image.CONTEXT
+    containerfile = (image.ROOT / "Containerfile").read_text()
+    assert f"COPY {image.CONSTRAINTS} " in containerfile and "--constraint /src/constraints.txt" in containerfile
+    for ignore in (".containerignore", ".dockerignore"):  # buildah's and docker's build context
+        assert f"!{image.CONSTRAINTS}" in (image.ROOT / ignore).read_text().splitlines(), ignore
+
+
+def _pins(path: Path) -> dict[str, Version]:
+    pins: dict[str, Version] = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    return pins

@@ -1,6 +1,7 @@
 """The product in pods: the checkout's chart and image installed on the node as ``make cluster`` does.
 
-The install goes through :func:`openledger.local.product_cluster.install_product` (the image
+The install (the package's ``product`` fixture, conftest.py) goes through
+:func:`openledger.local.product_cluster.install_product` (the image
 built from this checkout, imported into containerd, ``helm upgrade --install``), and the
 serving stand-in runs on the host as ``make cluster`` runs it
 (:func:`openledger.local.cluster.start_standin`, bound to the bridge's host address).
@@ -26,9 +27,9 @@ import psycopg
 import pytest
 
 from openledger.local import node
-from openledger.local.cluster import PRODUCT_NAMESPACE, RELEASE, start_standin
+from openledger.local.cluster import PRODUCT_NAMESPACE, RELEASE
 from openledger.local.platform import LocalPlatform
-from openledger.local.product_cluster import helm, install_product
+from openledger.local.product_cluster import helm
 from tests.waiting import wait_for
 
 WALKTHROUGH = Path(__file__).resolve().parents[3] / "examples" / "walkthrough"
@@ -37,13 +38,6 @@ FRANCE: list[Any] = [{"role": "user", "content": "What is the capital of France?
 PARIS = "The capital of France is Paris."  # the stand-in's real LLM at temperature 0
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def product(cluster: LocalPlatform) -> LocalPlatform:
-    install_product(cluster)
-    start_standin(cluster)
-    return cluster
 
 
 @pytest.fixture(scope="module")
