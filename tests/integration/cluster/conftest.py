@@ -4,10 +4,14 @@ It is started once for the package and torn down at the end; the last test of
 ``test_node.py`` checks that the teardown leaves nothing on the machine, so every test that
 uses the node sorts before it (``test_installed_product.py``, ``test_lifecycle.py``), and
 ``test_zz_killed_session.py``, which needs the machine free of nodes, after it.
+
+One node per machine: a second session waits on ``NODE_LOCK`` instead of tearing down
+the first one's node as leftovers.
 """
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,18 +23,22 @@ from openledger.local.cluster import apply_platform_services, start_standin
 from openledger.local.platform import LocalPlatform
 from openledger.local.product_cluster import install_product
 
+NODE_LOCK = Path(tempfile.gettempdir()) / "openledger-node.lock"
+
 
 @pytest.fixture(scope="package")
 def cluster() -> Iterator[LocalPlatform]:
-    base = Path(tempfile.mkdtemp(prefix="openledger-cluster-"))
-    platform = LocalPlatform(base, detached=False, durable=False, cluster=True)
-    platform.start()
-    apply_platform_services(platform)
-    try:
-        yield platform
-    finally:
-        platform.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with NODE_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        base = Path(tempfile.mkdtemp(prefix="openledger-cluster-"))
+        platform = LocalPlatform(base, detached=False, durable=False, cluster=True)
+        platform.start()
+        apply_platform_services(platform)
+        try:
+            yield platform
+        finally:
+            platform.stop()
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="package")
