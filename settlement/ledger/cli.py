@@ -62,20 +62,26 @@ def _fmt(amount: int, decimals: int) -> str:
 
 
 @ledger_group.command("balance")
-@click.argument("account")
+@click.argument("accounts", metavar="ACCOUNT...", nargs=-1, required=True)
 @click.option("--decimals", default=18, show_default=True, help="For the decimal column.")
 @output_option()
 @_db_option
-def ledger_balance(account: str, decimals: int, output: str, database_url: str | None) -> None:
-    """Cached balance of ACCOUNT (`kind:ref`, or an address / pool name for all its accounts)."""
+def ledger_balance(accounts: tuple[str, ...], decimals: int, output: str, database_url: str | None) -> None:
+    """Cached balances of each ACCOUNT (`kind:ref`, or an address / pool name for all its accounts),
+    read in one transaction, so they are consistent with each other."""
+    import psycopg
+
     from openledger.settlement.ledger import db, queries
 
+    balances: list[tuple[str, int]] = []
     with db.connect(_url(database_url)) as conn:
-        accounts = queries.resolve_accounts(conn, account)
-        if not accounts:
-            click.echo(f"no account matches {account!r}", err=True)
-            sys.exit(1)
-        balances = [(key, queries.balance(conn, key)) for key in accounts]
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ  # one snapshot for every account
+        for account in accounts:
+            keys = queries.resolve_accounts(conn, account)
+            if not keys:
+                click.echo(f"no account matches {account!r}", err=True)
+                sys.exit(1)
+            balances += [(key, queries.balance(conn, key)) for key in keys]
 
     def table() -> None:
         for key, amount in balances:
