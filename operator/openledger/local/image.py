@@ -132,8 +132,12 @@ def base_reference(name: str, mirror: str) -> str:
 
 def ensure_base(name: str, mirror: str) -> str:
     """The base image's reference in buildah's store, made from Debian packages on first use."""
-    packages = BASES[name]
-    reference = base_reference(name, mirror)
+    return ensure_packages_base(name, BASES[name], mirror)
+
+
+def ensure_packages_base(name: str, packages: tuple[str, ...], mirror: str) -> str:
+    """A base of ``packages`` named ``localhost/openledger-base-<name>:<key>`` (other images' bases too)."""
+    reference = f"localhost/openledger-base-{name}:{base_key(packages, mirror)}"
     if _exists(reference):
         return reference
     tarball = CACHE / f"base-{name}-{base_key(packages, mirror)}.tar"

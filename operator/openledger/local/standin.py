@@ -10,6 +10,8 @@ part just enough for a Model to answer through the gateway:
   InferenceService status through the status subresource as KServe would
   (``url``, ``address``, conditions ``IngressReady``/``PredictorReady``/``Ready``
   with KServe's reasons, ``modelStatus``). Deleting the InferenceService stops it.
+  While KServe's controller Deployment exists (KServe on the node, :mod:`openledger.local.kserve`)
+  it serves nothing: KServe does.
 - ``serve_model``: one server, kserve's Python ``ModelServer`` stack (its FastAPI
   app, V1 and V2 endpoints) with a real model, loaded once per process:
   * V1/V2 (any non-LLM format): a scikit-learn logistic regression on iris, trained at start;
@@ -19,6 +21,8 @@ part just enough for a Model to answer through the gateway:
     imports vLLM, which is not installed, so OpenAI's routes (completions, chat,
     streaming, embeddings) are added to the same ModelServer app by
     ``openledger.local.openai_api``.
+  With ``--model-dir`` (the ``openledger-serving`` image under real KServe) the model comes from
+  that folder instead: ``model.joblib``, or the ``.gguf`` for ``openai``.
 """
 
 from __future__ import annotations
@@ -42,9 +46,21 @@ log = logging.getLogger(__name__)
 ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
 LLM_FORMATS = frozenset({"huggingface", "vllm", "llm", "openai"})
 STANDIN_LABEL = "LOCAL STAND-IN (not KServe)"
+# (name, namespace) of KServe's controller Deployment: while it exists, KServe serves every InferenceService.
+KSERVE_CONTROLLER = ("kserve-controller-manager", "kserve")
 
 
-def _build_kserve_model(name: str, kind: str) -> Any:
+def gguf_file(model_dir: Path) -> Path:
+    """The GGUF of a model folder (KServe mounts ``pvc://<claim>/<path>`` at /mnt/models), or the file itself."""
+    if model_dir.is_file():
+        return model_dir
+    found = sorted(model_dir.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file in {model_dir}")
+    return found[0]
+
+
+def _build_kserve_model(name: str, kind: str, model_dir: Path | None = None) -> Any:
     import kserve
     import numpy as np
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
@@ -53,6 +69,12 @@ def _build_kserve_model(name: str, kind: str) -> Any:
         """Logistic regression on iris, trained at start (V1 and V2)."""
 
         def load(self) -> bool:
+            if model_dir is not None:  # as KServe's sklearn server: <model_dir>/model.joblib
+                import joblib
+
+                self.classifier = joblib.load(model_dir / "model.joblib")
+                self.ready = True
+                return True
             from sklearn.datasets import load_iris
             from sklearn.linear_model import LogisticRegression
 
@@ -78,7 +100,7 @@ def _build_kserve_model(name: str, kind: str) -> Any:
         def load(self) -> bool:
             from openledger.local.llm import LocalLLM
 
-            self.llm = LocalLLM()
+            self.llm = LocalLLM(gguf_file(model_dir) if model_dir is not None else None)
             log.info("LLM loaded", extra={"action": "load", "model": str(self.llm.path), "seconds": self.llm.load_s})
             self.ready = True
             return True
@@ -101,15 +123,19 @@ def _build_kserve_model(name: str, kind: str) -> Any:
     return model
 
 
-def serve_model(name: str, kind: str, port: int, host: str = "127.0.0.1") -> None:
-    """Run kserve's ModelServer with one model on ``host:port`` (blocks)."""
+def serve_model(name: str, kind: str, port: int, host: str = "127.0.0.1", model_dir: Path | None = None) -> None:
+    """Run kserve's ModelServer with one model on ``host:port`` (blocks).
+
+    ``model_dir``: load the model from there (``model.joblib``, or a GGUF for ``openai``), as the
+    ``openledger-serving`` image does under real KServe; without it, the stand-in's built-in models.
+    """
     # kserve parses sys.argv at import; give it nothing of ours.
     sys.argv = sys.argv[:1]
     from kserve import ModelServer
     from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
     from kserve.protocol.rest.server import RESTServer
 
-    model = _build_kserve_model(name, kind)
+    model = _build_kserve_model(name, kind, model_dir)
     if kind == "openai":
         from openledger.local.openai_api import add_openai_routes
 
@@ -252,7 +278,25 @@ class StandIn:
                     return str((model.get("spec") or {}).get("protocol", "v1"))
         return None
 
+    async def _kserve_installed(self) -> bool:
+        """KServe's controller runs on the cluster (``make cluster`` with KServe): it serves, not us."""
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            await client.AppsV1Api(self.api).read_namespaced_deployment(*KSERVE_CONTROLLER, _request_timeout=10)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     async def _pass(self) -> None:
+        if await self._kserve_installed():
+            for key in list(self.served):
+                self.served.pop(key).process.stop(5)
+                log.info("KServe installed: stopped model server", extra={"action": "stop", "isvc": "/".join(key)})
+            return
         seen: set[tuple[str, str]] = set()
         for isvc in await self._list():
             meta = isvc["metadata"]
@@ -340,6 +384,12 @@ def standin_run() -> None:
 @click.option("--kind", type=click.Choice(["v1", "v2", "openai"]), default="v1")
 @click.option("--port", type=int, required=True)
 @click.option("--host", default="127.0.0.1")
-def standin_serve(name: str, kind: str, port: int, host: str) -> None:
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Load the model from here (model.joblib, or a .gguf for openai) instead of the built-in one.",
+)
+def standin_serve(name: str, kind: str, port: int, host: str, model_dir: Path | None) -> None:
     """Serve one model (iris classifier, or the LLM for openai)."""
-    serve_model(name, kind, port, host)
+    serve_model(name, kind, port, host, model_dir)

@@ -40,6 +40,9 @@ PROMETHEUS_COMMANDS = ("prometheus", "promtool")
 # cluster tests that scale the ledger worker on the usage stream's lag.
 KEDA_VERSION = "v2.21.0"
 KEDA_COMMANDS = ("operator", "adapter")
+# KServe's controller manager (Standard/RawDeployment mode, webhooks) for the cluster tests that
+# serve Models through KServe's own Deployments and Services.
+KSERVE_VERSION = "v0.17.0"
 # A kubelet of the API server's version: it still runs on cgroup v1 with
 # ``failCgroupV1: false`` and falls back to its own cgroupDriver when
 # containerd 1.6 (Debian 12) does not answer the CRI RuntimeConfig call.
@@ -333,6 +336,30 @@ def keda_binaries() -> dict[str, Path]:
     return {name: dest / name for name in names}
 
 
+def _build_kserve_manager(dest: Path) -> None:
+    _require("go", "install Go 1.26 or newer")
+    module = "github.com/kserve/kserve"
+    with tempfile.TemporaryDirectory(prefix="ol-kserve-") as tmp:
+        work = Path(tmp)
+        _run(["go", "mod", "init", "openledger.local/kservebuild"], cwd=work, env=_go_env())
+        download = ["go", "mod", "download", "-json", f"{module}@{KSERVE_VERSION}"]
+        info = json.loads(_run(download, cwd=work, env=_go_env()))
+        gomod = (work / "go.mod").read_text() + f"\nrequire {module} {KSERVE_VERSION}\n"
+        gomod += "\n".join(module_directives(Path(info["GoMod"]).read_text())) + "\n"
+        (work / "go.mod").write_text(gomod)
+        (work / "tools.go").write_text(f'//go:build tools\npackage tools\n\nimport _ "{module}/cmd/manager"\n')
+        _progress(f"resolving KServe {KSERVE_VERSION} modules (first run only)")
+        _run(["go", "mod", "tidy"], cwd=work, env=_go_env())
+        _progress(f"building kserve-manager {KSERVE_VERSION} (first run only, many minutes)")
+        _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(dest / "kserve-manager"),
+              f"{module}/cmd/manager"], cwd=work, env=_go_env())  # fmt: skip
+
+
+def kserve_manager_binary() -> Path:
+    """KServe's controller manager (``cmd/manager``), built from its Go module."""
+    return _cached("kserve", KSERVE_VERSION, ["kserve-manager"], _build_kserve_manager) / "kserve-manager"
+
+
 def _npm_install(dest: Path, packages: list[str]) -> None:
     _require("npm", "install Node.js 20 and npm")
     (dest / "package.json").write_text('{"private": true}\n')
@@ -393,6 +420,7 @@ def main() -> None:
     print(f"coredns={coredns_binary()}")
     for name, path in (prometheus_binaries() | keda_binaries()).items():
         print(f"{name.replace('-', '_')}={path}")
+    print(f"kserve_manager={kserve_manager_binary()}")
 
 
 if __name__ == "__main__":
