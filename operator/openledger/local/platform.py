@@ -286,6 +286,7 @@ class LocalPlatform:
             f"--service-account-key-file={conf / 'sa.pub'}",
             f"--service-account-signing-key-file={conf / 'sa.key'}",
             "--v=0",
+            *_aggregation_flags(conf / "front-proxy"),
         ]
         if self.cluster:
             self._component_tokens(conf)
@@ -537,6 +538,59 @@ class LocalPlatform:
 # ----------------------------------------------------------------- helpers
 
 
+def openssl_certificate(
+    crt: Path, key: Path, common_name: str, *, ca: tuple[Path, Path] | None = None, extensions: Iterable[str] = ()
+) -> None:
+    """An EC P-256 key and a 10-year certificate: self-signed when ``ca`` is None, else signed by (crt, key).
+
+    EC rather than RSA: a key takes milliseconds, and every test session starts an API server.
+    ``extensions`` are openssl ``-addext`` values (``subjectAltName=DNS:a,IP:127.0.0.1``).
+    """
+    if not shutil.which("openssl"):
+        raise ComponentError("`openssl` is not on PATH: install it (apt-get install openssl)")
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    argv += ["-keyout", str(key), "-out", str(crt), "-days", "3650", "-subj", f"/CN={common_name}"]
+    if ca is not None:
+        argv += ["-CA", str(ca[0]), "-CAkey", str(ca[1])]
+    for extension in extensions:
+        argv += ["-addext", extension]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ComponentError(f"openssl could not issue {crt}:\n{result.stderr[-2000:]}")
+    key.chmod(0o600)
+
+
+FRONT_PROXY_CLIENT = "front-proxy-client"
+CA_EXTENSIONS = ("basicConstraints=critical,CA:TRUE", "keyUsage=critical,keyCertSign,cRLSign")
+
+
+def _aggregation_flags(folder: Path) -> list[str]:
+    """The aggregation layer: the API server proxies an APIService's requests (KEDA's external
+    metrics) with this client certificate and the caller in X-Remote-* headers; the extension
+    server trusts them through the CA the API server publishes in
+    kube-system/extension-apiserver-authentication. Issued once per platform folder.
+
+    No --enable-aggregator-routing: with it the API server dials an EndpointSlice address, which
+    may not be a loopback one; without it an ExternalName Service's name is dialled, which is how
+    a host process of this platform (KEDA's adapter on 127.0.0.1) is reached.
+    """
+    ca, cert, key = folder / "ca.crt", folder / "client.crt", folder / "client.key"
+    if not (ca.exists() and cert.exists() and key.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        openssl_certificate(ca, folder / "ca.key", "openledger-front-proxy-ca", extensions=CA_EXTENSIONS)
+        leaf = ("basicConstraints=critical,CA:FALSE", "extendedKeyUsage=clientAuth")
+        openssl_certificate(cert, key, FRONT_PROXY_CLIENT, ca=(ca, folder / "ca.key"), extensions=leaf)
+    return [
+        f"--requestheader-client-ca-file={ca}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={cert}",
+        f"--proxy-client-key-file={key}",
+    ]
+
+
 def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
@@ -652,6 +706,7 @@ __all__ = [
     "LocalPlatform",
     "describe",
     "eth_rpc",
+    "openssl_certificate",
     "read_state",
     "stop_detached",
     "tail",
