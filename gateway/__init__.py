@@ -1,6 +1,9 @@
 """The inference gateway (``openledger gateway``).
 
-Public surface: ``Gateway`` (the ASGI app) and the pure decision modules
+Public surface: ``Gateway`` (the ASGI app, ``app``), which takes a request through
+``edge`` (ASGI, headers, errors), ``admission`` (auth, routes, admit.lua), ``proxy``
+(the model call), ``settle`` (settle.lua, durability, Idempotency-Key claims) and
+``streamed`` (a streamed answer); the pure decision modules
 ``gcra``, ``breaker``, ``retry``, ``metering``, ``protocols``, ``records``,
 ``lifetimes``, ``sse`` (metering a stream as it passes) and ``headers``
 (``x-request-id``, ``x-ratelimit-*``). Streaming I/O: ``streaming`` (the relay),
