@@ -108,7 +108,6 @@ class Gateway:
         settle_wait_s = timeout_s * (SETTLE_ATTEMPTS + 1) + wait_s + 1
         self.settler = Settler(settings, self.redis, self.barrier, self.admission, ttl_s, settle_wait_s)
         self.streams = Streams(self.settler, self.redis, settings.usage_stream)
-        self._counters: dict[tuple[str, str, int], Any] = {}
 
     # ------------------------------------------------------------------ ASGI
 
@@ -177,14 +176,7 @@ class Gateway:
             m.DURATION.observe(elapsed)
             if upstream_s:
                 m.OVERHEAD.observe(max(0.0, elapsed - upstream_s))
-            self._count(model_label, agent_label, status)
-
-    def _count(self, model: str, agent: str, status: int) -> None:
-        key = (model, agent, status)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = m.REQUESTS.labels(model, agent, str(status))
-        child.inc()
+            m.child(m.REQUESTS, model_label, agent_label, str(status)).inc()
 
     async def _small(self, scope: Scope, send: Send, path: str, rid: tuple[bytes, bytes]) -> None:
         """Health and the OpenAI model list and model lookup; everything else is 404."""

@@ -324,18 +324,24 @@ def _http_ok(url: str) -> bool:
         return bool(response.status == 200)
 
 
-def _start_controller_manager(
-    config: NodeConfig, binary: Path, kubeconfigs: dict[str, Path], spawn: Spawn, port: Callable[[str], int]
-) -> None:
-    secure = port("kube-controller-manager")
-    kubeconfig = kubeconfigs["kube-controller-manager"]
-    argv = [
-        str(binary),
+def _control_loop_flags(kubeconfig: Path, secure_port: int) -> list[str]:
+    """What kube-controller-manager and kube-scheduler share: their identity, and HTTPS on loopback."""
+    return [
         f"--kubeconfig={kubeconfig}",
         f"--authentication-kubeconfig={kubeconfig}",
         f"--authorization-kubeconfig={kubeconfig}",
         "--bind-address=127.0.0.1",
-        f"--secure-port={secure}",
+        f"--secure-port={secure_port}",
+    ]
+
+
+def _start_controller_manager(
+    config: NodeConfig, binary: Path, kubeconfigs: dict[str, Path], spawn: Spawn, port: Callable[[str], int]
+) -> None:
+    secure = port("kube-controller-manager")
+    argv = [
+        str(binary),
+        *_control_loop_flags(kubeconfigs["kube-controller-manager"], secure),
         f"--service-account-private-key-file={config.sa_key}",
         f"--root-ca-file={config.root_ca}",
         "--use-service-account-credentials=true",
@@ -351,14 +357,9 @@ def _start_controller_manager(
 
 def _start_scheduler(binary: Path, kubeconfigs: dict[str, Path], spawn: Spawn, port: Callable[[str], int]) -> None:
     secure = port("kube-scheduler")
-    kubeconfig = kubeconfigs["kube-scheduler"]
     argv = [
         str(binary),
-        f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}",
-        f"--authorization-kubeconfig={kubeconfig}",
-        "--bind-address=127.0.0.1",
-        f"--secure-port={secure}",
+        *_control_loop_flags(kubeconfigs["kube-scheduler"], secure),
         "--leader-elect=false",
     ]
     process = spawn("kube-scheduler", argv)

@@ -308,25 +308,32 @@ def module_directives(gomod: str) -> list[str]:
     return [m.group(0) for m in re.finditer(r"^(?:replace|exclude)\s+\S.*$", gomod, re.M)]
 
 
-def _build_keda(dest: Path) -> None:
+def _build_module_commands(dest: Path, module: str, version: str, commands: dict[str, str], ldflags: str) -> None:
+    """Build ``commands`` (binary name -> package) of ``module`` with the module's own replace/exclude lines."""
     _require("go", "install Go 1.26 or newer")
-    module = "github.com/kedacore/keda/v2"
-    with tempfile.TemporaryDirectory(prefix="ol-keda-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ol-gobuild-") as tmp:
         work = Path(tmp)
-        _run(["go", "mod", "init", "openledger.local/kedabuild"], cwd=work, env=_go_env())
-        info = json.loads(_run(["go", "mod", "download", "-json", f"{module}@{KEDA_VERSION}"], cwd=work, env=_go_env()))
-        gomod = (work / "go.mod").read_text() + f"\nrequire {module} {KEDA_VERSION}\n"
+        _run(["go", "mod", "init", "openledger.local/build"], cwd=work, env=_go_env())
+        download = ["go", "mod", "download", "-json", f"{module}@{version}"]
+        info = json.loads(_run(download, cwd=work, env=_go_env()))
+        gomod = (work / "go.mod").read_text() + f"\nrequire {module} {version}\n"
         gomod += "\n".join(module_directives(Path(info["GoMod"]).read_text())) + "\n"
         (work / "go.mod").write_text(gomod)
-        imports = "".join(f'\t_ "{module}/cmd/{cmd}"\n' for cmd in KEDA_COMMANDS)
+        imports = "".join(f'\t_ "{package}"\n' for package in commands.values())
         (work / "tools.go").write_text(f"//go:build tools\npackage tools\n\nimport (\n{imports})\n")
-        _progress(f"resolving KEDA {KEDA_VERSION} modules (first run only)")
+        _progress(f"resolving {module} {version} modules (first run only)")
         _run(["go", "mod", "tidy"], cwd=work, env=_go_env())
-        version = f"-X github.com/kedacore/keda/v2/version.Version={KEDA_VERSION.lstrip('v')} -s -w"
-        for cmd in KEDA_COMMANDS:
-            _progress(f"building keda-{cmd} {KEDA_VERSION} (first run only, many minutes)")
-            _run(["go", "build", "-trimpath", "-ldflags", version, "-o", str(dest / f"keda-{cmd}"),
-                  f"{module}/cmd/{cmd}"], cwd=work, env=_go_env())  # fmt: skip
+        for name, package in commands.items():
+            _progress(f"building {name} {version} (first run only, many minutes)")
+            _run(["go", "build", "-trimpath", "-ldflags", ldflags, "-o", str(dest / name), package], cwd=work,
+                 env=_go_env())  # fmt: skip
+
+
+def _build_keda(dest: Path) -> None:
+    module = "github.com/kedacore/keda/v2"
+    commands = {f"keda-{cmd}": f"{module}/cmd/{cmd}" for cmd in KEDA_COMMANDS}
+    ldflags = f"-X {module}/version.Version={KEDA_VERSION.lstrip('v')} -s -w"
+    _build_module_commands(dest, module, KEDA_VERSION, commands, ldflags)
 
 
 def keda_binaries() -> dict[str, Path]:
@@ -337,22 +344,8 @@ def keda_binaries() -> dict[str, Path]:
 
 
 def _build_kserve_manager(dest: Path) -> None:
-    _require("go", "install Go 1.26 or newer")
     module = "github.com/kserve/kserve"
-    with tempfile.TemporaryDirectory(prefix="ol-kserve-") as tmp:
-        work = Path(tmp)
-        _run(["go", "mod", "init", "openledger.local/kservebuild"], cwd=work, env=_go_env())
-        download = ["go", "mod", "download", "-json", f"{module}@{KSERVE_VERSION}"]
-        info = json.loads(_run(download, cwd=work, env=_go_env()))
-        gomod = (work / "go.mod").read_text() + f"\nrequire {module} {KSERVE_VERSION}\n"
-        gomod += "\n".join(module_directives(Path(info["GoMod"]).read_text())) + "\n"
-        (work / "go.mod").write_text(gomod)
-        (work / "tools.go").write_text(f'//go:build tools\npackage tools\n\nimport _ "{module}/cmd/manager"\n')
-        _progress(f"resolving KServe {KSERVE_VERSION} modules (first run only)")
-        _run(["go", "mod", "tidy"], cwd=work, env=_go_env())
-        _progress(f"building kserve-manager {KSERVE_VERSION} (first run only, many minutes)")
-        _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(dest / "kserve-manager"),
-              f"{module}/cmd/manager"], cwd=work, env=_go_env())  # fmt: skip
+    _build_module_commands(dest, module, KSERVE_VERSION, {"kserve-manager": f"{module}/cmd/manager"}, "-s -w")
 
 
 def kserve_manager_binary() -> Path:
