@@ -22,6 +22,8 @@ ledger's ``external:distributor:<pool>`` balance (what the confirmed roots
 committed), and its funded total is not below it. A root confirmed on chain whose
 ledger commit is still to come (an epoch in ``publishing``/``closed`` with that
 root and total) is in flight, not drift; a pool on another chain id is skipped.
+Each pool is compared in a snapshot of its own, between two reads of the contract
+that agree, so a settler working meanwhile is never mistaken for drift.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -37,6 +39,9 @@ from openledger.settlement.ledger import metrics as m
 from openledger.settlement.ledger import split as sp
 from openledger.settlement.ledger.ingest import event_id_of
 from openledger.settlement.ledger.queries import _contributors
+
+if TYPE_CHECKING:
+    from openledger.settlement.chain.distributor import Distributor, DistributorState
 
 Conn = psycopg.Connection[Any]
 
@@ -291,7 +296,14 @@ def _verify_stream(conn: Conn, report: VerifyReport, stream: str, acked: list[st
 
 
 def verify_chain(conn: Conn, report: VerifyReport, rpc_url: str) -> None:
-    """Each pool's distributor on the chain at ``rpc_url`` against the ledger's account for it."""
+    """Each pool's distributor on the chain at ``rpc_url`` against the ledger's account for it.
+
+    A settler may confirm a root, and then commit it to the ledger, while this runs. So each pool is
+    compared in a snapshot of its own, taken between two reads of the contract that agree: the
+    chain did not move, so the ledger in that snapshot must hold exactly the contract's total, or
+    the epoch of the contract's root must be confirmed-but-uncommitted there (in flight). A contract
+    that keeps moving through every attempt is counted in flight, never drift.
+    """
     from openledger.settlement.chain.distributor import Distributor
     from openledger.settlement.chain.rpc import Chain, make_web3
     from openledger.settlement.errors import ChainUnavailable
@@ -307,29 +319,25 @@ def verify_chain(conn: Conn, report: VerifyReport, rpc_url: str) -> None:
         report.drifts.append(Drift("chain", "rpc", f"cannot read the chain: {exc}"))
         return
     rows = conn.execute(
-        "SELECT p.pool, p.distributor, coalesce(b.balance, 0)::text FROM settlement_pools p"
-        " LEFT JOIN account_balances b ON b.account = 'external:distributor:' || p.pool"
-        " WHERE p.chain_id = %s ORDER BY p.pool",
-        (chain_id,),
+        "SELECT pool, distributor FROM settlement_pools WHERE chain_id = %s ORDER BY pool", (chain_id,)
     ).fetchall()
     skipped = conn.execute("SELECT count(*) FROM settlement_pools WHERE chain_id <> %s", (chain_id,)).fetchone()
     checked = in_flight = 0
-    for pool, distributor, balance in rows:
+    for pool, distributor in rows:
         where = f"pool {pool} distributor {distributor}"
+        contract = Distributor(chain, distributor)
         try:
-            state = Distributor(chain, distributor).state()
+            observed = _stable_observation(conn, contract, pool)
         except ChainUnavailable as exc:
             report.drifts.append(Drift("chain", where, f"cannot read the contract: {exc}"))
             continue
         checked += 1
-        ledger = int(balance)
+        if observed is None:
+            in_flight += 1
+            continue
+        state, ledger, pending = observed
         if state.cumulative_total != ledger:
-            pending = conn.execute(
-                "SELECT 1 FROM epochs WHERE pool = %s AND status IN ('closed', 'publishing') AND root = %s"
-                " AND total = %s",
-                (pool, "0x" + state.root.hex(), state.cumulative_total),
-            ).fetchone()
-            if pending is not None:
+            if pending:
                 in_flight += 1
                 continue
             report.drifts.append(Drift("chain_cumulative", where, f"contract cumulative total"
@@ -339,6 +347,28 @@ def verify_chain(conn: Conn, report: VerifyReport, rpc_url: str) -> None:
                                        f" {state.cumulative_total} / ledger {ledger}"))  # fmt: skip
     report.stats.update(chain_pools_checked=checked, chain_pools_in_flight=in_flight,
                         chain_pools_other_chain=int(skipped[0]) if skipped else 0)  # fmt: skip
+
+
+_CHAIN_ATTEMPTS = 5
+
+
+def _stable_observation(conn: Conn, contract: Distributor, pool: str) -> tuple[DistributorState, int, bool] | None:
+    """(contract state, the ledger's balance for the pool, whether the state's root is in flight) from a
+    snapshot taken while the contract did not move; None if it moved through every attempt."""
+    for attempt in range(_CHAIN_ATTEMPTS):
+        before = contract.state()
+        conn.rollback()  # the next query takes a fresh snapshot: after ``before``
+        row = conn.execute(
+            "SELECT coalesce((SELECT balance FROM account_balances WHERE account = 'external:distributor:' || %s),"
+            " 0)::text, EXISTS (SELECT 1 FROM epochs WHERE pool = %s AND status IN ('closed', 'publishing')"
+            " AND root = %s AND total = %s)",
+            (pool, pool, "0x" + before.root.hex(), before.cumulative_total),
+        ).fetchone()
+        if contract.state() == before:
+            assert row is not None
+            return before, int(row[0]), bool(row[1])
+        time.sleep(0.2 * (attempt + 1))
+    return None
 
 
 def _sid(stream_id: bytes) -> tuple[int, int]:

@@ -127,3 +127,30 @@ def test_ledger_verify_checks_each_distributor_against_the_ledger(
     db_conn.execute("UPDATE settlement_pools SET chain_id = 1 WHERE pool = %s", (POOL,))
     report = verify(db_conn, full=False, rpc_url=eth_rpc_url)
     assert report.ok and report.stats["chain_pools_other_chain"] == 1
+
+
+def test_ledger_verify_is_not_fooled_by_an_epoch_settled_while_it_reads(
+    settle_db: str, deployment: Deployment, chain: Chain, signer: Signer, eth_rpc_url: str, db_conn: DbConn,
+    monkeypatch: Any,
+) -> None:  # fmt: skip
+    """A settler that confirms a root and commits it to the ledger between verify's snapshot and its read
+    of the contract is a race, not drift (the walkthrough's ``kill -9`` test saw it on the node)."""
+    ingest(settle_db, [usage_event(POOL, OWNER) for _ in range(3)])
+    real_state = Distributor.state
+    moved: list[int] = []
+    with settler_for(deployment, signer, settle_db, eth_rpc_url) as settler:
+        settle(settler, chain, now_s=2 * EPOCH_S + 1)  # epoch 1: on chain and in the ledger
+        ingest(settle_db, [usage_event(POOL, OWNER) for _ in range(4)])
+
+        def settle_next_epoch_then_state(self: Distributor) -> Any:
+            if not moved:  # verify's snapshot is taken: epoch 2 is now confirmed on chain and committed
+                moved.append(0)  # the settler's own reads of the contract pass straight through
+                settle(settler, chain, now_s=3 * EPOCH_S + 1)
+                moved[0] = real_state(self).epoch
+            return real_state(self)
+
+        monkeypatch.setattr(Distributor, "state", settle_next_epoch_then_state)
+        report = verify(db_conn, full=False, rpc_url=eth_rpc_url)
+    assert moved == [2]
+    assert report.ok, [str(d) for d in report.drifts]
+    assert (report.stats["chain_pools_checked"], report.stats["chain_pools_in_flight"]) == (1, 0)
