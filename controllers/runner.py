@@ -151,8 +151,11 @@ class LeaderElector:
                 LEADER.set(0)
                 self.lost.set()
                 return
+            # A standby asks more often than a leader renews: a Lease released on a clean stop is
+            # taken over within a second, before a replacement pod has even started.
+            wait_s = period if self.leading.is_set() else min(period, self.settings.leader_retry_period_s)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):  # no helper task: Kopf would wait for it on exit
+                async with asyncio.timeout(wait_s):  # no helper task: Kopf would wait for it on exit
                     await stop.wait()
 
     async def release(self) -> None:

@@ -99,6 +99,24 @@ def local_cluster(base_dir: Path | None, no_product: bool) -> None:
     click.echo(report)
 
 
+@local.command("models-volume")
+@click.argument("namespace")
+@click.option("--dir", "base_dir", type=click.Path(path_type=Path), default=None, help="State folder (default .local).")
+def local_models_volume(namespace: str, base_dir: Path | None) -> None:
+    """Print the PersistentVolume and claim ``models`` that offer `make cluster`'s models to NAMESPACE.
+
+    Pipe it to ``kubectl apply -f -``; a Model in NAMESPACE then serves ``pvc://models/smollm2``.
+    """
+    import yaml
+
+    from openledger.local.kserve import model_volume, models_folder
+
+    folder = models_folder((base_dir or get_settings().local_dir).resolve())
+    if not folder.is_dir():
+        raise click.ClickException(f"no models folder at {folder}: `make cluster` prepares it")
+    click.echo(yaml.safe_dump_all(model_volume(namespace, folder), sort_keys=False), nl=False)
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as response:
         return bool(response.status == 200)

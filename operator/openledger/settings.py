@@ -38,9 +38,6 @@ class Settings(BaseSettings):
     namespaces: list[str] = Field(default_factory=list)
     # Where processes bind. Local mode never leaves loopback.
     bind_host: str = "127.0.0.1"
-    # Where the local serving stand-in's model servers bind and what URL it reports: loopback for
-    # `make up`; the node bridge's host address in cluster mode, so the gateway's pods reach them.
-    standin_host: str = "127.0.0.1"
     metrics_port: int = 9108
     health_port: int = 8081
     gateway_port: int = 8080
@@ -75,6 +72,7 @@ class Settings(BaseSettings):
     leader_lease_name: str = "openledger-operator"
     leader_lease_duration_s: float = 15.0
     leader_renew_period_s: float = 5.0
+    leader_retry_period_s: float = 1.0  # how often a standby tries to take the Lease
     operator_resync_s: float = 300.0  # full level-based pass over every cached object
     operator_redis_check_s: float = 2.0  # how often to check whether Redis lost what was published
     operator_crd_retry_s: float = 30.0  # how often to retry while a needed CRD (KServe) is missing

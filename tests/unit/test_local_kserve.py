@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from openledger.cli import cli
 from openledger.local import kserve
 from openledger.local.standin import gguf_file
 
@@ -99,3 +102,20 @@ def test_gguf_file_of_a_folder_or_the_file_itself(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no \.gguf file in .*empty"):
         gguf_file(tmp_path / "empty")
+
+
+def test_models_volume_prints_the_claim_for_a_namespace_over_the_platforms_models_folder(tmp_path: Path) -> None:
+    folder = kserve.models_folder(tmp_path)
+    folder.mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["local", "models-volume", "team-a", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    volume, claim = yaml.safe_load_all(result.output)
+    assert volume["spec"]["hostPath"]["path"] == str(folder.resolve())
+    assert volume["spec"]["claimRef"] == {"namespace": "team-a", "name": kserve.MODELS_CLAIM}
+    assert (claim["kind"], claim["metadata"]) == ("PersistentVolumeClaim", {"name": "models", "namespace": "team-a"})
+
+
+def test_models_volume_without_a_cluster_says_what_prepares_the_folder(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["local", "models-volume", "team-a", "--dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "make cluster" in result.output and str(kserve.models_folder(tmp_path.resolve())) in result.output

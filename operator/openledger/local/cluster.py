@@ -13,20 +13,20 @@ address (``10.213.0.1``), through selector-less Services in the namespace
 ``openledger-platform`` (``postgres``, ``redis``, ``anvil``), so the chart
 sees ordinary in-cluster DNS names and never needs host networking.
 
-Model serving: until real KServe runs on the node, the LOCAL STAND-IN
-(``openledger standin run``, never part of the chart) runs as a host process,
-as the platform's databases do, with ``OPENLEDGER_STANDIN_HOST`` set to the
-bridge's host address: its model servers bind there and the InferenceService
-URLs it writes point there, so the gateway's pods reach them.
+Model serving: real KServe (:mod:`openledger.local.kserve`, Standard mode) is installed
+before the product, so the operator's first InferenceService is already KServe's. The
+models a CPU node can serve live on the ``models`` claim of namespace ``default``
+(``pvc://models/smollm2``: the LLM, format gguf; ``pvc://models/iris``: sklearn);
+``openledger local models-volume <namespace> | kubectl apply -f -`` offers them to
+another namespace. The serving stand-in is for plain ``make up`` only.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-from openledger.local import node
+from openledger.local import kserve, node
 from openledger.local.platform import LocalPlatform, describe, read_state, stop_detached
 from openledger.local.processes import ComponentError
 from openledger.local.toolchain import ToolchainError
@@ -34,6 +34,7 @@ from openledger.local.toolchain import ToolchainError
 PLATFORM_NAMESPACE = "openledger-platform"
 PRODUCT_NAMESPACE = "openledger-system"
 RELEASE = "openledger"
+MODELS_NAMESPACE = "default"  # where `make cluster` offers the models claim
 
 
 class ClusterError(RuntimeError):
@@ -55,8 +56,8 @@ def up(base: Path, *, product: bool = True) -> str:
     try:
         platform.start()
         apply_platform_services(platform)
-        start_standin(platform)
         timings = {"platform and node": time.monotonic() - started}
+        timings.update(install_serving(platform))
         if product:
             from openledger.local.product_cluster import install_product
 
@@ -123,14 +124,10 @@ def apply_platform_services(platform: LocalPlatform) -> None:
     node.apply(platform.kubectl, platform_services(platform))
 
 
-def start_standin(platform: LocalPlatform) -> None:
-    """The serving stand-in on the host, its model servers on the bridge's host address (pods reach it)."""
-    env = {
-        **platform.endpoints.as_env(),
-        "OPENLEDGER_LOCAL_DIR": str(platform.base_dir),
-        "OPENLEDGER_STANDIN_HOST": node.HOST_IP,
-    }
-    platform.spawn("serving-standin", [sys.executable, "-m", "openledger.cli", "standin", "run"], env=env)
+def install_serving(platform: LocalPlatform) -> dict[str, float]:
+    """Real KServe on the node, with the models claim in ``default``; returns step timings."""
+    timings = kserve.install_kserve(platform, (MODELS_NAMESPACE,))
+    return {f"kserve: {step}": seconds for step, seconds in timings.items()}
 
 
 def in_cluster_url(platform: LocalPlatform, name: str) -> str:

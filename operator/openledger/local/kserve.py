@@ -22,8 +22,8 @@ in each webhook's ``caBundle``) instead of cert-manager; no leader election (one
 The project's ClusterServingRuntimes: ``openledger-sklearn`` (format sklearn, V1/V2) and
 ``openledger-gguf`` (format gguf, the operator's ``protocol: openai`` = KServe protocol v1).
 
-Nothing here runs on ``make up``: the serving stand-in steps aside while KServe's controller
-Deployment exists (:class:`openledger.local.standin.StandIn`).
+``make cluster`` installs it (:func:`openledger.local.cluster.install_serving`); nothing here runs
+on plain ``make up``, where the serving stand-in (:mod:`openledger.local.standin`) plays KServe.
 """
 
 from __future__ import annotations
@@ -414,8 +414,9 @@ def prepare_models(folder: Path) -> Path:
     return folder
 
 
-def models_folder(platform: LocalPlatform) -> Path:
-    return node.node_dir(platform.base_dir) / "kserve-models"
+def models_folder(base_dir: Path) -> Path:
+    """The host folder behind the ``models`` claims of the platform under ``base_dir``."""
+    return node.node_dir(base_dir) / "kserve-models"
 
 
 # ------------------------------------------------------------------ install
@@ -472,7 +473,7 @@ def install_kserve(platform: LocalPlatform, model_namespaces: tuple[str, ...] = 
     _apply(platform, webhook_configurations(manifests, ca))
     # The ClusterServingRuntime validator is one of the webhooks: applying the runtimes proves they answer.
     _apply_when_webhooks_answer(platform, runtimes(serving), 60)
-    folder = prepare_models(models_folder(platform))
+    folder = prepare_models(models_folder(platform.base_dir))
     for namespace in model_namespaces:
         add_models_volume(platform, namespace, folder)
     timings["webhooks, runtimes, models"] = time.monotonic() - started
@@ -480,7 +481,7 @@ def install_kserve(platform: LocalPlatform, model_namespaces: tuple[str, ...] = 
 
 
 def add_models_volume(platform: LocalPlatform, namespace: str, folder: Path | None = None) -> None:
-    _apply(platform, model_volume(namespace, folder or prepare_models(models_folder(platform))))
+    _apply(platform, model_volume(namespace, folder or prepare_models(models_folder(platform.base_dir))))
 
 
 def _apply_when_webhooks_answer(platform: LocalPlatform, objects: list[dict[str, Any]], timeout_s: float) -> None:
@@ -493,27 +494,6 @@ def _apply_when_webhooks_answer(platform: LocalPlatform, objects: list[dict[str,
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
-
-
-def uninstall_kserve(platform: LocalPlatform) -> None:
-    """Webhooks first (a webhook whose server is gone refuses every InferenceService), then the rest."""
-    source = module_dir()
-    names = [
-        d["metadata"]["name"]
-        for d in webhook_configurations((source / "config" / "webhook" / "manifests.yaml").read_text(), b"")
-    ]
-    for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
-        platform.kubectl("delete", kind, *names, "--ignore-not-found", check=False)
-    platform.kubectl(
-        "delete", "clusterservingruntime", SKLEARN_RUNTIME, GGUF_RUNTIME, "--ignore-not-found", check=False
-    )
-    platform.kubectl(
-        "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=120s", check=False
-    )
-    platform.kubectl("delete", "clusterrolebinding", "kserve-manager-rolebinding", "--ignore-not-found", check=False)
-    platform.kubectl("delete", "clusterrole", "kserve-manager-role", "--ignore-not-found", check=False)
-    crds = [f"crd/{crd['metadata']['name']}" for crd in _crds(source)]
-    platform.kubectl("delete", *crds, "--ignore-not-found", check=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,14 +4,11 @@ Locally there is no kubelet and no KServe controller. This process plays their
 part just enough for a Model to answer through the gateway:
 
 - ``run_standin``: watches InferenceServices (kubernetes_asyncio) and, for each,
-  starts one model server on a free port of ``standin_host`` (``OPENLEDGER_STANDIN_HOST``:
-  loopback for ``make up``, the node bridge's host address for ``make cluster``, where
-  the gateway runs in pods), then writes the
+  starts one model server on a free loopback port, then writes the
   InferenceService status through the status subresource as KServe would
   (``url``, ``address``, conditions ``IngressReady``/``PredictorReady``/``Ready``
   with KServe's reasons, ``modelStatus``). Deleting the InferenceService stops it.
-  While KServe's controller Deployment exists (KServe on the node, :mod:`openledger.local.kserve`)
-  it serves nothing: KServe does.
+  It runs on plain ``make up`` only: ``make cluster`` runs real KServe (:mod:`openledger.local.kserve`).
 - ``serve_model``: one server, kserve's Python ``ModelServer`` stack (its FastAPI
   app, V1 and V2 endpoints) with a real model, loaded once per process:
   * V1/V2 (any non-LLM format): a scikit-learn logistic regression on iris, trained at start;
@@ -46,8 +43,6 @@ log = logging.getLogger(__name__)
 ISVC = ("serving.kserve.io", "v1beta1", "inferenceservices")
 LLM_FORMATS = frozenset({"huggingface", "vllm", "llm", "openai"})
 STANDIN_LABEL = "LOCAL STAND-IN (not KServe)"
-# (name, namespace) of KServe's controller Deployment: while it exists, KServe serves every InferenceService.
-KSERVE_CONTROLLER = ("kserve-controller-manager", "kserve")
 
 
 def gguf_file(model_dir: Path) -> Path:
@@ -278,25 +273,7 @@ class StandIn:
                     return str((model.get("spec") or {}).get("protocol", "v1"))
         return None
 
-    async def _kserve_installed(self) -> bool:
-        """KServe's controller runs on the cluster (``make cluster`` with KServe): it serves, not us."""
-        from kubernetes_asyncio import client
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        try:
-            await client.AppsV1Api(self.api).read_namespaced_deployment(*KSERVE_CONTROLLER, _request_timeout=10)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
     async def _pass(self) -> None:
-        if await self._kserve_installed():
-            for key in list(self.served):
-                self.served.pop(key).process.stop(5)
-                log.info("KServe installed: stopped model server", extra={"action": "stop", "isvc": "/".join(key)})
-            return
         seen: set[tuple[str, str]] = set()
         for isvc in await self._list():
             meta = isvc["metadata"]
@@ -360,7 +337,7 @@ def run_standin() -> None:
     import uvloop
 
     settings = get_settings()
-    uvloop.run(StandIn(settings.local_dir.resolve() / "logs", settings.namespaces, settings.standin_host).run())
+    uvloop.run(StandIn(settings.local_dir.resolve() / "logs", settings.namespaces, settings.bind_host).run())
 
 
 # --------------------------------------------------------------------- CLI
@@ -370,7 +347,7 @@ import click  # noqa: E402
 
 @click.group("standin")
 def standin_command() -> None:
-    """LOCAL STAND-IN for KServe (never in the chart): serve InferenceServices on OPENLEDGER_STANDIN_HOST."""
+    """LOCAL STAND-IN for KServe (plain `make up` only, never in the chart): serve InferenceServices."""
 
 
 @standin_command.command("run")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from openledger.local.cluster import apply_platform_services, start_standin
+from openledger.local.cluster import apply_platform_services, install_serving
 from openledger.local.platform import LocalPlatform
 from openledger.local.product_cluster import install_product
 
@@ -43,11 +43,12 @@ def cluster() -> Iterator[LocalPlatform]:
 
 @pytest.fixture(scope="package")
 def product(cluster: LocalPlatform) -> LocalPlatform:
-    """The chart installed from this checkout's image (as ``make cluster``), and the serving stand-in.
+    """What ``make cluster`` installs on the node: real KServe (the models claim in ``default``), then
+    the chart from this checkout's image.
 
-    Installed once for the modules that use it; ``test_lifecycle.py`` ends by uninstalling it.
+    Installed once for the modules that use it; ``test_lifecycle.py`` ends by uninstalling the chart.
     """
-    timings = install_product(cluster)
+    timings = install_serving(cluster)
+    timings.update(install_product(cluster))
     print("install timings (s): " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in timings.items()))
-    start_standin(cluster)
     return cluster

@@ -1,10 +1,9 @@
 """The product in pods: the checkout's chart and image installed on the node as ``make cluster`` does.
 
-The install (the package's ``product`` fixture, conftest.py) goes through
+The install (the package's ``product`` fixture, conftest.py) is ``make cluster``'s: real KServe
+(:func:`openledger.local.cluster.install_serving`), then
 :func:`openledger.local.product_cluster.install_product` (the image
-built from this checkout, imported into containerd, ``helm upgrade --install``), and the
-serving stand-in runs on the host as ``make cluster`` runs it
-(:func:`openledger.local.cluster.start_standin`, bound to the bridge's host address).
+built from this checkout, imported into containerd, ``helm upgrade --install``).
 Then, as a platform team would check it: every Deployment Ready under the chart's
 ServiceAccount and RBAC, ``helm test``, the README walkthrough's serving flow through the
 in-cluster gateway with the usage event ingested by the in-cluster ledger worker, garbage
@@ -17,6 +16,8 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -35,17 +36,23 @@ from tests.waiting import wait_for
 WALKTHROUGH = Path(__file__).resolve().parents[3] / "examples" / "walkthrough"
 MODEL, AGENT = "demo-llm", "demo-agent"
 FRANCE: list[Any] = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-PARIS = "The capital of France is Paris."  # the stand-in's real LLM at temperature 0
+PARIS = "The capital of France is Paris."  # SmolLM2 at temperature 0, served by KServe
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
 def walkthrough(product: LocalPlatform) -> dict[str, str]:
-    """The walkthrough's Model and Agent (03-model.yaml, 04-agent.yaml as they are) in a namespace of their own."""
+    """The walkthrough's Model for the CPU node and its Agent (03-model-cpu.yaml, 04-agent.yaml as they
+    are) in a namespace of their own, with the models claim as ``openledger local models-volume`` offers it."""
     ns = f"ol-walk-{secrets.token_hex(3)}"
     node.apply(product.kubectl, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}])
-    for manifest in ("03-model.yaml", "04-agent.yaml"):
+    volume = subprocess.run(
+        [sys.executable, "-m", "openledger.cli", "local", "models-volume", ns, "--dir", str(product.base_dir)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    product.kubectl("apply", "-f", "-", stdin=volume.stdout)
+    for manifest in ("03-model-cpu.yaml", "04-agent.yaml"):
         product.kubectl("apply", "-n", ns, "-f", str(WALKTHROUGH / manifest))
     return {"ns": ns}
 
@@ -112,12 +119,12 @@ def test_walkthrough_answers_through_the_in_cluster_gateway_and_the_ledger_worke
     model = wait_for(
         lambda: (m := _json(product, "-n", ns, "get", "model", MODEL)) and _ready(m) and m,
         240,
-        f"Model {MODEL} Ready (InferenceService served by the host stand-in)",
+        f"Model {MODEL} Ready (InferenceService served by KServe)",
         1,
     )
     isvc = _json(product, "-n", ns, "get", "inferenceservice", MODEL)
-    assert isvc["status"]["url"].startswith(f"http://{node.HOST_IP}:"), isvc["status"]  # reachable from pods
-    assert model["status"].get("url"), model["status"]
+    url = f"http://{MODEL}-predictor.{ns}.svc.cluster.local"  # KServe's own predictor Service
+    assert isvc["status"]["url"] == url and model["status"].get("url") == url, (isvc["status"], model["status"])
     agent = wait_for(lambda: (a := _json(product, "-n", ns, "get", "agent", AGENT)) and _ready(a) and a, 60,
                      f"Agent {AGENT} Ready", 0.5)  # fmt: skip
     secret_name = agent["status"].get("secretName") or f"{AGENT}-credentials"

@@ -1,13 +1,13 @@
 """Real KServe on the node serves the product's Models (issue 13 item 4).
 
-The module's fixture installs KServe v0.17.0 (:mod:`openledger.local.kserve`: the controller built
-from its Go module, in Standard mode, its webhooks with certificates issued here, the project's
-ClusterServingRuntimes on the locally built ``openledger-serving`` image, the ``models`` claim on a
-folder the platform prepares) beside the product the package installed. While KServe's controller
-Deployment exists the host's serving stand-in serves nothing (it checks on every pass), so these
-Models are served by KServe's own Deployments and Services only. At the end the fixture deletes the
-namespace (KServe still running, so its finalizers complete) and uninstalls KServe; the stand-in
-then serves again for the modules after this one.
+The package's ``product`` fixture installs what ``make cluster`` does: KServe v0.17.0
+(:mod:`openledger.local.kserve`: the controller built from its Go module, in Standard mode, its
+webhooks with certificates issued here, the project's ClusterServingRuntimes on the locally built
+``openledger-serving`` image, the ``models`` claim on a folder the platform prepares), then the
+product. No serving stand-in runs on the node, so these Models are served by KServe's own
+Deployments and Services only. The module's namespace gets the ``models`` claim as
+``openledger local models-volume`` offers it; at the end the namespace is deleted with KServe still
+running, so its finalizers complete.
 
 Models: ``iris`` (format sklearn, ``pvc://models/iris``) and ``smol`` (format gguf,
 ``pvc://models/smollm2``, protocol openai), both Standard. The chain checked: Model → the
@@ -78,8 +78,7 @@ def served(product: LocalPlatform) -> Iterator[dict[str, Any]]:
     node.apply(product.kubectl, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}])
     started = time.monotonic()
     try:
-        timings = kserve.install_kserve(product, (ns,))
-        print("kserve install (s): " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in timings.items()))
+        kserve.add_models_volume(product, ns)
         objects = [model(IRIS, "sklearn", kserve.IRIS_PATH, "v1"), model(LLM, "gguf", kserve.LLM_PATH, "openai")]
         node.apply(product.kubectl, [{**o, "metadata": {**o["metadata"], "namespace": ns}} for o in objects])
         node.apply(product.kubectl, [{**AGENT_SPEC, "metadata": {"name": AGENT, "namespace": ns}}])
@@ -87,7 +86,6 @@ def served(product: LocalPlatform) -> Iterator[dict[str, Any]]:
     finally:
         # KServe still runs: its finalizers and the garbage collector clear the namespace.
         product.kubectl("delete", "namespace", ns, "--wait=true", "--timeout=180s", check=False)
-        kserve.uninstall_kserve(product)
         product.kubectl("delete", "pv", f"openledger-models-{ns}", "--ignore-not-found", check=False)
 
 

@@ -43,7 +43,7 @@ import psycopg
 import pytest
 from web3 import Web3
 
-from openledger.local import node
+from openledger.local import kserve, node
 from openledger.local.cluster import PRODUCT_NAMESPACE, RELEASE, in_cluster_url
 from openledger.local.platform import ANVIL_DEV_KEY, LocalPlatform
 from openledger.local.product_cluster import CHART, DATABASE_SECRET, REDIS_SECRET, helm, wait_release_ready
@@ -53,10 +53,10 @@ from openledger.settlement.epochs import epoch_of
 from tests.waiting import wait_for
 
 WALKTHROUGH = Path(__file__).resolve().parents[3] / "examples" / "walkthrough"
-MANIFESTS = ("01-chain-secret.yaml", "02-rewardpool.yaml", "03-model.yaml", "04-agent.yaml")
+MANIFESTS = ("01-chain-secret.yaml", "02-rewardpool.yaml", "03-model-cpu.yaml", "04-agent.yaml")
 MODEL, AGENT, POOL = "demo-llm", "demo-agent", "demo-pool"
 OWNER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
-FEE_BPS, CONTRIBUTOR_BPS, EPOCH_SECONDS = 500, 1500, 10  # 02-rewardpool.yaml, 03-model.yaml
+FEE_BPS, CONTRIBUTOR_BPS, EPOCH_SECONDS = 500, 1500, 10  # 02-rewardpool.yaml, 03-model-cpu.yaml
 BALANCE_OF = Web3.keccak(text="balanceOf(address)")[:4].hex().removeprefix("0x")
 LEASE = f"{RELEASE}-operator"
 LOAD_INTERVAL_S = 0.2  # at most 5 requests/s
@@ -227,9 +227,11 @@ def env(product: LocalPlatform) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def walk(product: LocalPlatform, env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """README steps 1-4 in a namespace of their own; the chain Secret names anvil as pods reach it."""
+    """README steps 1-4 on the CPU node in a namespace of their own (the models claim as ``openledger local
+    models-volume`` offers it); the chain Secret names anvil as pods reach it."""
     ns = f"ol-pool-{secrets.token_hex(3)}"
     node.apply(product.kubectl, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}])
+    kserve.add_models_volume(product, ns)
     contracts = json.loads(_cli(env, "chain", "deploy"))
     values = {
         "ETH_RPC_URL": in_cluster_url(product, "anvil"),  # the operator pod's settler sends here
