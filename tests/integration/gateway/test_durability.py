@@ -37,7 +37,15 @@ def _replica(name: str, log_dir: Path, primary: int) -> ManagedProcess:
     process, port = redis_server(name, log_dir, "--replicaof", "127.0.0.1", str(primary))
     link = redis.Redis(port=port)
     wait_for(lambda: link.info("replication")["master_link_status"] == "up", 20, f"{name} in sync")
+    # After a diskless sync the primary streams to a replica (and so can count it for WAIT) only from
+    # the replica's first REPLCONF ACK, sent up to a second later: wait until a WAIT of its own succeeds.
+    wait_for(lambda: _replicated(redis.Redis(port=primary)), 20, f"{name} acknowledging the primary's writes")
     return process
+
+
+def _replicated(r: redis.Redis) -> bool:
+    r.incr("test:replica-probe")
+    return int(r.execute_command("WAIT", 1, 200)) == 1
 
 
 def test_platform_redis_persists_every_write_and_never_evicts(rds: redis.Redis) -> None:
