@@ -65,6 +65,8 @@ unit: install
 
 test: install
 	@$(PY) -m openledger.local.toolchain >/dev/null
+	@# The cluster tests' images (root only, as the node is), built before any test times out on a cold build.
+	@if [ "$$(id -u)" = 0 ]; then $(PY) -m openledger.cli local images >/dev/null; fi
 	@$(MAKE) --no-print-directory lint
 	@$(VENV)/bin/pytest -q -m "not bench"
 

@@ -99,6 +99,22 @@ def local_cluster(base_dir: Path | None, no_product: bool) -> None:
     click.echo(report)
 
 
+@local.command("images")
+def local_images() -> None:
+    """Build the images `make cluster` loads (product, KServe controller, serving), or take them from the cache."""
+    from openledger.local.cluster import build_images
+    from openledger.local.image import ImageError
+    from openledger.local.processes import ComponentError
+    from openledger.local.toolchain import ToolchainError
+
+    try:
+        archives = build_images()
+    except (ImageError, ComponentError, ToolchainError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, archive in archives.items():
+        click.echo(f"{name}={archive}")
+
+
 @local.command("models-volume")
 @click.argument("namespace")
 @click.option("--dir", "base_dir", type=click.Path(path_type=Path), default=None, help="State folder (default .local).")

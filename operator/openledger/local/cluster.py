@@ -130,6 +130,22 @@ def install_serving(platform: LocalPlatform) -> dict[str, float]:
     return {f"kserve: {step}": seconds for step, seconds in timings.items()}
 
 
+def build_images() -> dict[str, str]:
+    """Every image ``make cluster`` loads that takes minutes cold: the product's, KServe's controller and
+    the serving image, each from the cache when its inputs did not change; returns name -> archive.
+
+    ``make test`` runs it first (as it builds the toolchain), so no test's timeout pays for a cold build.
+    """
+    from openledger.local import image
+
+    _, serving = kserve.serving_image()
+    return {
+        "product": str(image.build().archive),
+        "kserve-controller": str(kserve.controller_archive()),
+        "serving": str(serving),
+    }
+
+
 def in_cluster_url(platform: LocalPlatform, name: str) -> str:
     """The URL a pod uses for the platform component ``name`` (a Service DNS name)."""
     host = f"{name}.{PLATFORM_NAMESPACE}.svc.{node.CLUSTER_DOMAIN}"

@@ -106,6 +106,22 @@ def test_every_deployment_is_ready_under_the_charts_service_account(product: Loc
             assert pod["spec"].get("automountServiceAccountToken") is False, pod["metadata"]["name"]
 
 
+def test_local_images_names_the_cached_archives_the_node_runs(product: LocalPlatform) -> None:
+    """``openledger local images`` (what ``make test`` runs first) answers from the cache the install filled,
+    and its product archive is the image the operator pods run."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "openledger.cli", "local", "images"],
+                            capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    took_s = time.monotonic() - started
+    archives = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert set(archives) == {"product", "kserve-controller", "serving"}, result.stdout
+    assert all(Path(archive).is_file() for archive in archives.values()), archives
+    assert took_s < 30, f"cached images took {took_s:.1f} s"  # a rebuild takes minutes
+    operator = _json(product, "-n", PRODUCT_NAMESPACE, "get", "deployment", f"{RELEASE}-operator")
+    tag = operator["spec"]["template"]["spec"]["containers"][0]["image"].rsplit(":", 1)[1]
+    assert tag in Path(archives["product"]).name, (tag, archives["product"])
+
+
 def test_helm_test_passes_from_inside_the_cluster(product: LocalPlatform) -> None:
     result = helm(product, "test", RELEASE, "--namespace", PRODUCT_NAMESPACE, "--timeout", "3m", timeout_s=240)
     phases = [line.split()[-1] for line in result.stdout.splitlines() if line.startswith("Phase:")]

@@ -10,7 +10,8 @@ The package's ``product`` fixture (the chart from this checkout's image, as ``ma
 2. ``helm upgrade`` with a changed value and a new image tag under load: every Deployment
    rolls, every request answers 200 and every 200 has exactly one ledger event;
 3. the leading operator pod deleted: the standby holds the Lease within its duration and
-   reconciles the next edit;
+   reconciles the next edit; the leading operator's container killed (``kill -9``): a leader
+   again within the lease duration and the container's restart, reconciling the next edit;
 4. ``kill -9`` of a ledger worker's container process under load: exactly once still holds
    and the container restarts;
 5. ``helm uninstall`` leaves exactly what the chart README says it leaves.
@@ -22,6 +23,7 @@ the platform would; a failure stops the module (``-x``).
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import re
@@ -216,6 +218,25 @@ def _pods(platform: LocalPlatform, component: str) -> list[dict[str, Any]]:
     return [p for p in items if not p["metadata"].get("deletionTimestamp")]  # not the old, terminating ones
 
 
+def _container_pid(platform: LocalPlatform, status: dict[str, Any], command: str) -> int:
+    """The host pid of a container's process (containerd names its task by the container id)."""
+    container_id = status["containerID"].removeprefix("containerd://")
+    tasks = node.ctr(platform.base_dir, "tasks", "ls").stdout.splitlines()
+    pid = next(int(line.split()[1]) for line in tasks if line.startswith(container_id))
+    assert command in Path(f"/proc/{pid}/cmdline").read_text(), pid
+    return pid
+
+
+def _lease_renewed_after(platform: LocalPlatform, wall_s: float) -> str:
+    """The Lease's holder once it was renewed after ``wall_s`` (epoch seconds), else ''."""
+    spec = _json(platform, "-n", PRODUCT_NAMESPACE, "get", "lease", LEASE).get("spec") or {}
+    renewed = spec.get("renewTime")
+    if not renewed or not spec.get("holderIdentity"):
+        return ""
+    at = dt.datetime.fromisoformat(renewed.replace("Z", "+00:00")).timestamp()
+    return str(spec["holderIdentity"]) if at > wall_s else ""
+
+
 # ------------------------------------------------------------------ fixtures
 
 
@@ -372,6 +393,36 @@ def test_the_standby_operator_takes_the_lease_within_its_duration_and_reconciles
              == generation, 60, f"the new leader to reconcile Agent generation {generation}", 0.5)  # fmt: skip
 
 
+def test_kill_9_of_the_leading_operator_leaves_a_leader_within_the_lease_and_it_reconciles(
+    product: LocalPlatform, walk: dict[str, str]
+) -> None:
+    """A crashed leader cannot hand the Lease over: the restarted container (same identity, pod and
+    pid 1) or the standby (once the Lease ran out) leads again within the lease duration plus the
+    container's restart, and reconciles the next edit."""
+    lease = _json(product, "-n", PRODUCT_NAMESPACE, "get", "lease", LEASE)["spec"]
+    duration_s, leader_pod = int(lease["leaseDurationSeconds"]), lease["holderIdentity"].rsplit("-", 1)[0]
+    pod = _json(product, "-n", PRODUCT_NAMESPACE, "get", "pod", leader_pod)
+    status = pod["status"]["containerStatuses"][0]
+    killed_at = time.time()
+    os.kill(_container_pid(product, status, "operator"), signal.SIGKILL)
+    holder = wait_for(lambda: _lease_renewed_after(product, killed_at), duration_s + 60, "a leader again", 0.5)
+    took_s = time.time() - killed_at
+    print(f"leader {leader_pod} killed; {holder} leads after {took_s:.1f} s (duration {duration_s} s)")
+    assert holder.rsplit("-", 1)[0] in {p["metadata"]["name"] for p in _pods(product, "operator")}, holder
+    assert took_s <= duration_s + 30, f"no leader for {took_s:.1f} s"  # restart back-off starts at 10 s
+    restarted = wait_for(lambda: (s := _json(product, "-n", PRODUCT_NAMESPACE, "get", "pod", leader_pod)["status"]
+                                  ["containerStatuses"][0])["restartCount"] > status["restartCount"] and s,
+                         60, f"{leader_pod}'s container restarted", 0.5)  # fmt: skip
+    assert restarted["lastState"]["terminated"]["exitCode"] == 137, restarted  # SIGKILL
+
+    ns = walk["ns"]
+    product.kubectl("-n", ns, "patch", "agent", AGENT, "--type", "merge", "-p",
+                    json.dumps({"spec": {"limits": {"requestsPerSecond": 12}}}))  # fmt: skip
+    generation = _json(product, "-n", ns, "get", "agent", AGENT)["metadata"]["generation"]
+    wait_for(lambda: (_json(product, "-n", ns, "get", "agent", AGENT).get("status") or {}).get("observedGeneration")
+             == generation, 60, f"the leader to reconcile Agent generation {generation}", 0.5)  # fmt: skip
+
+
 def test_kill_9_of_a_ledger_worker_container_loses_and_doubles_no_event(
     product: LocalPlatform, env: dict[str, str], walk: dict[str, str]
 ) -> None:
@@ -379,15 +430,11 @@ def test_kill_9_of_a_ledger_worker_container_loses_and_doubles_no_event(
     events_before = _agent_events(database_url, walk["agent"])
     worker = next(p for p in _pods(product, "ledger-worker") if p["status"].get("containerStatuses"))
     name, status = worker["metadata"]["name"], worker["status"]["containerStatuses"][0]
-    container_id, restarts = status["containerID"].removeprefix("containerd://"), status["restartCount"]
+    restarts = status["restartCount"]
 
     with Load(gateway_url, walk["api_key"]) as load:
         time.sleep(2)
-        # The container's task on the host: containerd names it by the container id.
-        tasks = node.ctr(product.base_dir, "tasks", "ls").stdout.splitlines()
-        pid = next(int(line.split()[1]) for line in tasks if line.startswith(container_id))
-        assert "ledger-worker" in Path(f"/proc/{pid}/cmdline").read_text(), pid
-        os.kill(pid, signal.SIGKILL)
+        os.kill(_container_pid(product, status, "ledger-worker"), signal.SIGKILL)
         wait_for(
             lambda: (
                 (s := _json(product, "-n", PRODUCT_NAMESPACE, "get", "pod", name)["status"]["containerStatuses"][0])
