@@ -26,6 +26,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,11 +168,18 @@ def ensure_packages_base(name: str, packages: tuple[str, ...], mirror: str) -> s
     return reference
 
 
-def build(root: Path = ROOT, *, force: bool = False) -> BuiltImage:
-    """The product image for this checkout: from the cache, else built (one build at a time per machine)."""
+@contextmanager
+def build_lock() -> Iterator[None]:
+    """One image build at a time per machine: make cluster, tests and make image may ask at once."""
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # make cluster, tests and make image may ask at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build(root: Path = ROOT, *, force: bool = False) -> BuiltImage:
+    """The product image for this checkout: from the cache, else built."""
+    with build_lock():
         return _build(root, force=force)
 
 

@@ -323,11 +323,7 @@ def controller_archive() -> Path:
 
 def serving_image() -> tuple[str, Path]:
     """``openledger-serving``'s keyed reference and OCI archive: from the cache, else built (one build at a time)."""
-    image.CACHE.mkdir(parents=True, exist_ok=True)
-    with open(image.CACHE / ".lock", "w") as lock:
-        import fcntl
-
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with image.build_lock():
         return _serving_image()
 
 
