@@ -1,4 +1,5 @@
-"""Calling the model: one upstream client whatever the scheme, a circuit breaker per Model, a retry budget.
+"""Calling the model: one upstream client whatever the scheme, a circuit breaker per Model, a retry budget,
+and a bounded wait for a model that refuses connections (``gateway_connect_retry_s``).
 
 ``http://`` upstreams (in-cluster InferenceService URLs) go through the small keep-alive
 pool (``upstream.py``); ``https://`` through aiohttp. Either way a call returns an
@@ -16,7 +17,7 @@ import aiohttp
 from openledger.gateway import metrics as m
 from openledger.gateway.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from openledger.gateway.protocols import Route, upstream_path
-from openledger.gateway.retry import RetryBudget, backoff_s
+from openledger.gateway.retry import RetryBudget, backoff_s, connect_pause_s
 from openledger.gateway.streaming import ModelStream, SessionStream
 from openledger.gateway.upstream import UpstreamBroken, UpstreamPool, UpstreamRefused
 from openledger.settings import Settings
@@ -55,6 +56,7 @@ class Proxy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.timeout_s = settings.gateway_upstream_timeout_s
+        self.connect_retry_s = settings.gateway_connect_retry_s
         self.retry_budget = RetryBudget(ratio=settings.gateway_retry_ratio)
         self.breaker_config = BreakerConfig(settings.gateway_breaker_failures, settings.gateway_breaker_cooldown_s)
         self.breakers: dict[str, CircuitBreaker] = {}
@@ -90,8 +92,10 @@ class Proxy:
         assert self.session is not None, "gateway not started"
         url = model_route.url.rstrip("/") + upstream_path(route, model_ref.split("/", 1)[1])
         self.retry_budget.deposit()
-        deadline = time.monotonic() + self.timeout_s
-        attempt = 0
+        started = time.monotonic()
+        deadline = started + self.timeout_s
+        connect_until = started + min(self.connect_retry_s, self.timeout_s)
+        attempt = refused = 0
         while True:
             t0 = time.perf_counter()
             timeout_s = max(0.001, deadline - time.monotonic())
@@ -105,6 +109,10 @@ class Proxy:
             if not failed:
                 breaker.record_success()
                 return result
+            if not result.reached and time.monotonic() + (pause := connect_pause_s(refused)) < connect_until:
+                refused += 1  # no endpoint took it: wait for one (the breaker hears the call's verdict only)
+                await asyncio.sleep(pause)
+                continue
             breaker.record_failure(time.monotonic())
             retryable = not result.reached or result.status in _RETRYABLE_STATUS
             attempt += 1

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     gateway_breaker_failures: int = 5
     gateway_breaker_cooldown_s: float = 5.0
     gateway_retry_ratio: float = 0.1
+    # How long a request waits for a model that refuses connections (no endpoint yet: just Ready,
+    # rolling, kube-proxy not synced). The model never saw it: not metered, no retry budget spent.
+    gateway_connect_retry_s: float = Field(default=3.0, ge=0)
     gateway_route_cache_s: float = 1.0
     gateway_agent_cache_s: float = 30.0
     gateway_redis_timeout_s: float = 5.0  # per Redis command; a reply later than this counts as lost

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from openledger.gateway.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from openledger.gateway.retry import RetryBudget, backoff_s
+from openledger.gateway.retry import RetryBudget, backoff_s, connect_pause_s
 
 
 def test_opens_after_consecutive_failures_then_one_probe_after_cooldown() -> None:
@@ -50,3 +50,13 @@ def test_backoff_is_jittered_and_capped() -> None:
     values = [backoff_s(a, base_s=0.02, cap_s=0.5, rng=rng) for a in range(10) for _ in range(20)]
     assert all(0 <= v <= 0.5 for v in values) and len(set(values)) == len(values)
     assert max(backoff_s(0, rng=rng) for _ in range(100)) <= 0.02
+
+
+def test_connect_retries_double_to_a_cap_and_a_3_s_window_holds_fifteen_tries() -> None:
+    assert [connect_pause_s(a) for a in range(6)] == [0.025, 0.05, 0.1, 0.2, 0.25, 0.25]
+    assert connect_pause_s(10_000) == 0.25  # an hour-long window: no overflow
+    waited, tries = 0.0, 1
+    while waited + connect_pause_s(tries - 1) < 3.0:  # as Proxy.call spends the default window
+        waited += connect_pause_s(tries - 1)
+        tries += 1
+    assert tries == 15 and 2.75 <= waited < 3.0  # one connect every 250 ms once it settles: no storm

@@ -48,6 +48,7 @@ def test_gateway_deployment_service_and_hpa_are_hardened() -> None:
     assert container["args"] == ["gateway"] and container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["OPENLEDGER_REDIS_URL"] == "redis://redis:6379/0" and env["OPENLEDGER_GATEWAY_RETRY_RATIO"] == "0.1"
+    assert env["OPENLEDGER_GATEWAY_CONNECT_RETRY_S"] == "3"
     assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert {p["name"] for p in service["spec"]["ports"]} == {"http", "metrics"}
