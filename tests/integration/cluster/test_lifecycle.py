@@ -237,6 +237,15 @@ def _lease_renewed_after(platform: LocalPlatform, wall_s: float) -> str:
     return str(spec["holderIdentity"]) if at > wall_s else ""
 
 
+def _edit_agent_and_wait_reconciled(platform: LocalPlatform, ns: str, requests_per_second: int) -> None:
+    """Edit the walkthrough's Agent and wait until the leading operator has reconciled that generation."""
+    platform.kubectl("-n", ns, "patch", "agent", AGENT, "--type", "merge", "-p",
+                     json.dumps({"spec": {"limits": {"requestsPerSecond": requests_per_second}}}))  # fmt: skip
+    generation = _json(platform, "-n", ns, "get", "agent", AGENT)["metadata"]["generation"]
+    wait_for(lambda: (_json(platform, "-n", ns, "get", "agent", AGENT).get("status") or {}).get("observedGeneration")
+             == generation, 60, f"the leader to reconcile Agent generation {generation}", 0.5)  # fmt: skip
+
+
 # ------------------------------------------------------------------ fixtures
 
 
@@ -385,12 +394,7 @@ def test_the_standby_operator_takes_the_lease_within_its_duration_and_reconciles
     assert holder.rsplit("-", 1)[0] in operators - {leader_pod}, holder  # the standby, not a new pod
     assert took_s <= duration_s, f"takeover took {took_s:.1f} s, more than the lease duration {duration_s} s"
 
-    ns = walk["ns"]
-    product.kubectl("-n", ns, "patch", "agent", AGENT, "--type", "merge", "-p",
-                    json.dumps({"spec": {"limits": {"requestsPerSecond": 11}}}))  # fmt: skip
-    generation = _json(product, "-n", ns, "get", "agent", AGENT)["metadata"]["generation"]
-    wait_for(lambda: (_json(product, "-n", ns, "get", "agent", AGENT).get("status") or {}).get("observedGeneration")
-             == generation, 60, f"the new leader to reconcile Agent generation {generation}", 0.5)  # fmt: skip
+    _edit_agent_and_wait_reconciled(product, walk["ns"], requests_per_second=11)
 
 
 def test_kill_9_of_the_leading_operator_leaves_a_leader_within_the_lease_and_it_reconciles(
@@ -415,12 +419,7 @@ def test_kill_9_of_the_leading_operator_leaves_a_leader_within_the_lease_and_it_
                          60, f"{leader_pod}'s container restarted", 0.5)  # fmt: skip
     assert restarted["lastState"]["terminated"]["exitCode"] == 137, restarted  # SIGKILL
 
-    ns = walk["ns"]
-    product.kubectl("-n", ns, "patch", "agent", AGENT, "--type", "merge", "-p",
-                    json.dumps({"spec": {"limits": {"requestsPerSecond": 12}}}))  # fmt: skip
-    generation = _json(product, "-n", ns, "get", "agent", AGENT)["metadata"]["generation"]
-    wait_for(lambda: (_json(product, "-n", ns, "get", "agent", AGENT).get("status") or {}).get("observedGeneration")
-             == generation, 60, f"the leader to reconcile Agent generation {generation}", 0.5)  # fmt: skip
+    _edit_agent_and_wait_reconciled(product, walk["ns"], requests_per_second=12)
 
 
 def test_kill_9_of_a_ledger_worker_container_loses_and_doubles_no_event(
