@@ -48,6 +48,44 @@ def _replicated(r: redis.Redis) -> bool:
     return int(r.execute_command("WAIT", 1, 200)) == 1
 
 
+def _durable_gateway(
+    r: redis.Redis,
+    redis_url: str,
+    start: Callable[..., GatewayProcess],
+    servers: ModelServers,
+    namespace: str,
+    durability: str,
+    timeout_ms: str,
+) -> tuple[GatewayProcess, str]:
+    """An Agent with a budget, the iris route, and a gateway on ``redis_url`` with this durability policy."""
+    key = provision_agent(r, namespace, budget="1000")
+    route_model(r, namespace, "iris", servers.iris_url)
+    return start(redis=redis_url, durability=durability, durability_timeout_ms=timeout_ms), key
+
+
+def _withheld(gw: GatewayProcess, r: redis.Redis, key: str, namespace: str, idem: dict[str, str]) -> str:
+    """The answer is withheld (503) while its event is written (charged) once; returns the event id."""
+    status, headers, err = post(_predict_url(gw), {"instances": [IRIS_ROW]}, key, headers=idem)
+    assert status == 503 and "not confirmed durable" in err["error"], err
+    event_id = str(headers["x-openledger-event-id"])
+    ids = [e["id"] for e in usage_events(r, gw.stream, f"{namespace}/agent")]
+    assert ids.count(event_id) == 1 and len(ids) == 2  # written (charged) once, answer withheld
+    return event_id
+
+
+def _served_uncharged(
+    gw: GatewayProcess, r: redis.Redis, key: str, namespace: str, idem: dict[str, str], event_id: str
+) -> None:
+    """The Idempotency-Key retry gets the withheld answer, with its event id, and is not charged again."""
+    status, headers, answer = post(_predict_url(gw), {"instances": [IRIS_ROW]}, key, headers=idem)
+    assert status == 200 and headers["x-openledger-event-id"] == event_id, answer
+    assert len(usage_events(r, gw.stream, f"{namespace}/agent")) == 2  # the retry was not charged again
+
+
+def _predict_url(gw: GatewayProcess) -> str:
+    return f"{gw.url}/v1/models/iris:predict"
+
+
 def test_platform_redis_persists_every_write_and_never_evicts(rds: redis.Redis) -> None:
     config = rds.config_get("*")
     assert (config["appendonly"], config["appendfsync"]) == ("yes", "always")
@@ -64,28 +102,19 @@ def test_answer_waits_for_a_replica_and_is_withheld_but_metered_without_one(
     primary = private_redis_port
     replica = _replica("redis-replica", tmp_path, primary)
     r = redis.Redis(port=primary)
-    key = provision_agent(r, namespace, budget="1000")
-    route_model(r, namespace, "iris", model_servers.iris_url)
-    gw = start_gateway(redis=f"redis://127.0.0.1:{primary}/0", durability="wait", durability_timeout_ms="300")
-    url = f"{gw.url}/v1/models/iris:predict"
-    body = {"instances": [IRIS_ROW]}
-    first = post(url, body, key)
+    gw, key = _durable_gateway(r, f"redis://127.0.0.1:{primary}/0", start_gateway, model_servers, namespace,
+                               "wait", "300")  # fmt: skip
+    first = post(_predict_url(gw), {"instances": [IRIS_ROW]}, key)
     assert first[0] == 200, first
 
     replica.stop(10)
     wait_for(lambda: r.info("replication")["connected_slaves"] == 0, 20, "replica gone")
     idem = {"Idempotency-Key": f"k-{secrets.token_hex(4)}"}
-    status, headers, err = post(url, body, key, headers=idem)
-    assert status == 503 and "not confirmed durable" in err["error"], err
-    event_id = headers["x-openledger-event-id"]
-    ids = [e["id"] for e in usage_events(r, gw.stream, f"{namespace}/agent")]
-    assert ids.count(event_id) == 1 and len(ids) == 2  # written (charged) once, answer withheld
+    event_id = _withheld(gw, r, key, namespace, idem)
 
     replica = _replica("redis-replica-2", tmp_path, primary)
     try:
-        status, headers, answer = post(url, body, key, headers=idem)
-        assert status == 200 and headers["x-openledger-event-id"] == event_id, answer
-        assert len(usage_events(r, gw.stream, f"{namespace}/agent")) == 2  # the retry was not charged again
+        _served_uncharged(gw, r, key, namespace, idem, event_id)
     finally:
         replica.stop(10)
 
@@ -115,12 +144,9 @@ def test_answer_waits_for_the_aof_fsync_and_is_withheld_but_metered_without_one(
     namespace: str,
 ) -> None:
     r = redis.Redis(port=valkey_port)
-    key = provision_agent(r, namespace, budget="1000")
-    route_model(r, namespace, "iris", model_servers.iris_url)
-    gw = start_gateway(redis=f"redis://127.0.0.1:{valkey_port}/0", durability="waitaof", durability_timeout_ms="2000")
-    url = f"{gw.url}/v1/models/iris:predict"
-    body = {"instances": [IRIS_ROW]}
-    first = post(url, body, key)
+    gw, key = _durable_gateway(r, f"redis://127.0.0.1:{valkey_port}/0", start_gateway, model_servers, namespace,
+                               "waitaof", "2000")  # fmt: skip
+    first = post(_predict_url(gw), {"instances": [IRIS_ROW]}, key)
     assert first[0] == 200, first
     assert [e["id"] for e in usage_events(r, gw.stream)] == [first[1]["x-openledger-event-id"]]
 
@@ -128,17 +154,11 @@ def test_answer_waits_for_the_aof_fsync_and_is_withheld_but_metered_without_one(
     with pytest.raises(redis.ResponseError, match="appendonly is disabled"):  # no local fsync to wait for
         r.execute_command("WAITAOF", 1, 0, 100)
     idem = {"Idempotency-Key": f"k-{secrets.token_hex(4)}"}
-    status, headers, err = post(url, body, key, headers=idem)
-    assert status == 503 and "not confirmed durable" in err["error"], err
-    event_id = headers["x-openledger-event-id"]
-    ids = [e["id"] for e in usage_events(r, gw.stream, f"{namespace}/agent")]
-    assert ids.count(event_id) == 1 and len(ids) == 2  # written (charged) once, answer withheld
+    event_id = _withheld(gw, r, key, namespace, idem)
 
     r.config_set("appendonly", "yes")
     wait_for(lambda: _aof_on(r), 20, "AOF rewritten and on")
-    status, headers, answer = post(url, body, key, headers=idem)
-    assert status == 200 and headers["x-openledger-event-id"] == event_id, answer
-    assert len(usage_events(r, gw.stream, f"{namespace}/agent")) == 2  # the retry was not charged again
+    _served_uncharged(gw, r, key, namespace, idem, event_id)
 
 
 def test_waitaof_on_a_redis_without_it_withholds_every_answer(
@@ -151,9 +171,7 @@ def test_waitaof_on_a_redis_without_it_withholds_every_answer(
     version = str(rds.info("server")["redis_version"])
     if tuple(int(n) for n in version.split(".")[:2]) >= (7, 2):
         pytest.skip(f"the platform's Redis {version} has WAITAOF")
-    key = provision_agent(rds, namespace, budget="1000")
-    route_model(rds, namespace, "iris", model_servers.iris_url)
-    gw = start_gateway(redis=redis_url, durability="waitaof", durability_timeout_ms="300")
-    status, headers, err = post(f"{gw.url}/v1/models/iris:predict", {"instances": [IRIS_ROW]}, key)
+    gw, key = _durable_gateway(rds, redis_url, start_gateway, model_servers, namespace, "waitaof", "300")
+    status, headers, err = post(_predict_url(gw), {"instances": [IRIS_ROW]}, key)
     assert status == 503 and "not confirmed durable" in err["error"], err
     assert [e["id"] for e in usage_events(rds, gw.stream)] == [headers["x-openledger-event-id"]]
