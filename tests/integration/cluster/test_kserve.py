@@ -5,9 +5,9 @@ The package's ``product`` fixture installs what ``make cluster`` does: KServe v0
 webhooks with certificates issued here, the project's ClusterServingRuntimes on the locally built
 ``openledger-serving`` image, the ``models`` claim on a folder the platform prepares), then the
 product. No serving stand-in runs on the node, so these Models are served by KServe's own
-Deployments and Services only. The module's namespace gets the ``models`` claim as
-``openledger local models-volume`` offers it; at the end the namespace is deleted with KServe still
-running, so its finalizers complete.
+Deployments and Services only. The module's namespace gets the ``models`` claim from
+:func:`openledger.local.kserve.add_models_volume` (what ``openledger local models-volume`` prints);
+at the end the namespace is deleted with KServe still running, so its finalizers complete.
 
 Models: ``iris`` (format sklearn, ``pvc://models/iris``) and ``smol`` (format gguf,
 ``pvc://models/smollm2``, protocol openai), both Standard. The chain checked: Model → the
